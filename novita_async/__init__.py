@@ -1,0 +1,61 @@
+"""novita_async: an asyncio client for Novita's Merge Face API, built for bulk work.
+
+Example:
+    >>> import novita_async as na
+    >>> async def main() -> None:  # doctest: +SKIP
+    ...     async with na.NovitaClient() as client:
+    ...         result = await client.merge_face("face.jpg", "photo.jpg", output="out.png")
+"""
+
+from novita_async._client import NovitaClient
+from novita_async._config import RetryPolicy, Timeout
+from novita_async._errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ClientClosedError,
+    ConfigurationError,
+    InsufficientBalanceError,
+    InvalidImageError,
+    InvalidResponseError,
+    JobNotAttemptedError,
+    NoFaceDetectedError,
+    NotFoundError,
+    NovitaError,
+    OutputError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+    SourceChangedError,
+)
+from novita_async._result import MergeFaceResult
+from novita_async._version import __version__
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ClientClosedError",
+    "ConfigurationError",
+    "InsufficientBalanceError",
+    "InvalidImageError",
+    "InvalidResponseError",
+    "JobNotAttemptedError",
+    "MergeFaceResult",
+    "NoFaceDetectedError",
+    "NotFoundError",
+    "NovitaClient",
+    "NovitaError",
+    "OutputError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RetryPolicy",
+    "ServerError",
+    "SourceChangedError",
+    "Timeout",
+    "__version__",
+]

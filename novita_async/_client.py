@@ -1,0 +1,354 @@
+"""NovitaClient: the async merge-face client."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+import anyio.to_thread
+
+from novita_async._version import __version__
+from novita_async._config import (
+    API_KEY_ENV,
+    MERGE_FACE_PATH,
+    RESPONSE_IMAGE_TYPES,
+    RetryPolicy,
+    Timeout,
+    env_api_key,
+    env_base_url,
+)
+from novita_async._encode import RequestBody, build_extra
+from novita_async._errors import (
+    ClientClosedError,
+    ConfigurationError,
+    APITimeoutError,
+    InvalidImageError,
+    RateLimitError,
+)
+from novita_async._output import FileSink, MemorySink, Sink
+from novita_async._pacing import Pacer
+from novita_async._result import MergeFaceResult
+from novita_async._retry import retry_call
+from novita_async._sources import ImageSource, buffer_source, source_from_input
+from novita_async._transport import send_merge_request
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, AsyncIterable, Iterable
+    from types import TracebackType
+
+    from novita_async._batch import BatchSummary, JobResult, MergeJob
+    from novita_async._sources import ImageInput
+
+__all__ = ["NovitaClient"]
+
+logger = logging.getLogger("novita_async")
+
+#: Rules that ``auto_resize`` can repair by re-encoding the image.
+_RESIZABLE_RULES = frozenset({"max_resolution", "max_size", "color_mode"})
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def _check_base_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(
+            f"base_url {base_url!r} is not an http(s) URL; pass e.g. 'https://api.novita.ai' "
+            "or the emulator's 'http://127.0.0.1:PORT'"
+        )
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        warnings.warn(
+            f"base_url {base_url!r} is plain HTTP to a non-loopback host: the API key and "
+            "images travel unencrypted. Use https.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return base_url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class NovitaClient:
+    """Async client for Novita's Merge Face API, built for many calls at once.
+
+    One client owns one ``aiohttp.ClientSession``: create it once, share it
+    across tasks, and close it with ``async with`` or :meth:`aclose`.
+
+    Args:
+        api_key: The API key (``sk_...``); defaults to ``$NOVITA_API_KEY``.
+        base_url: Defaults to ``$NOVITA_BASE_URL``, else ``https://api.novita.ai``.
+        timeout: Per-attempt limits: a :class:`Timeout`, or seconds for the total.
+        retry: When to retry transient failures (:class:`RetryPolicy`).
+        max_concurrency: Requests in flight at most, across everything the
+            client does.
+        requests_per_minute: A fixed pace for request starts; None adapts to
+            the server's 429s instead.
+        auto_resize: Downsize oversized inputs (and convert CMYK/16-bit ones)
+            before upload instead of refusing them.
+        validate: Check inputs with Pillow before upload (format, size,
+            resolution, truncation). Turn off only for inputs already checked.
+        session: An ``aiohttp.ClientSession`` to use instead of creating one
+            (the client then does not close it).
+
+    Raises:
+        ConfigurationError: no API key, or a malformed base URL.
+
+    Example:
+        >>> async with NovitaClient() as client:  # doctest: +SKIP
+        ...     result = await client.merge_face("face.jpg", "photo.jpg", output="out.png")
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        *,
+        timeout: Timeout | float | None = None,
+        retry: RetryPolicy | None = None,
+        max_concurrency: int = 8,
+        requests_per_minute: float | None = None,
+        auto_resize: bool = False,
+        validate: bool = True,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        key = api_key if api_key is not None else env_api_key()
+        if not key or not key.strip():
+            raise ConfigurationError(
+                f"no API key: pass api_key=... or set the {API_KEY_ENV} environment variable "
+                "(keys start with 'sk_')"
+            )
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ConfigurationError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
+        self._api_key = key.strip()
+        self.base_url = _check_base_url(base_url or env_base_url())
+        self.timeout = Timeout.of(timeout)
+        self.retry = retry or RetryPolicy()
+        self.max_concurrency = max_concurrency
+        self.auto_resize = auto_resize
+        self.validate = validate
+        self.pacer = Pacer(requests_per_minute)
+        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._session = session
+        self._owns_session = session is None
+        self._state = _State.UNOPENED
+
+    def __repr__(self) -> str:
+        # Never the key, not even a prefix of it.
+        return (
+            f"NovitaClient(base_url={self.base_url!r}, max_concurrency={self.max_concurrency}, "
+            f"requests_per_minute={self.requests_per_minute}, state={self._state.value!r})"
+        )
+
+    @property
+    def requests_per_minute(self) -> float | None:
+        """The fixed pace, or None when the pace adapts to 429s."""
+        return self.pacer.rate * 60.0 if self.pacer.fixed and self.pacer.rate else None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` has been called."""
+        return self._state is _State.CLOSED
+
+    async def __aenter__(self) -> NovitaClient:
+        self._ensure_session()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP session (if the client created it). Idempotent."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._state is _State.CLOSED:
+            raise ClientClosedError(
+                "this NovitaClient is closed; create a new one (or use it inside 'async with')"
+            )
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.max_concurrency, enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                headers={"User-Agent": f"novita_async/{__version__}"},
+                # Larger socket reads: fewer, bigger chunks for the streaming decoder.
+                read_bufsize=256 * 1024,
+                raise_for_status=False,
+            )
+        self._state = _State.OPEN
+        return self._session
+
+    async def _prepare(self, value: object, input_name: str, auto_resize: bool) -> ImageSource:
+        source = await source_from_input(value, input_name)
+        if not self.validate:
+            return source
+        from novita_async import _images
+
+        def check() -> None:
+            with source.open_sync() as stream:
+                _images.check_image(stream, size=source.size, input_name=input_name,
+                                    source=source.description)
+
+        try:
+            await anyio.to_thread.run_sync(check)
+        except InvalidImageError as exc:
+            if not (auto_resize and exc.rule in _RESIZABLE_RULES):
+                raise
+
+            def fit() -> bytes:
+                with source.open_sync() as stream:
+                    data, _ = _images.fit_image(stream, input_name=input_name, source=source.description)
+                return data
+
+            data = await anyio.to_thread.run_sync(fit)
+            logger.info("%s (%s) resized to fit the API's limits (%s)", input_name,
+                        source.description, exc.rule)
+            return buffer_source(data, input_name, f"{source.description} (resized)")
+        return source
+
+    async def merge_face(
+        self,
+        face_image: ImageInput,
+        image: ImageInput,
+        *,
+        response_image_type: str = "png",
+        enterprise_plan: bool = False,
+        output: str | os.PathLike[str] | None = None,
+        auto_resize: bool | None = None,
+    ) -> MergeFaceResult:
+        """Put the face from ``face_image`` onto the face in ``image``.
+
+        Args:
+            face_image: The face to put in: a path (a ``str`` is always a path),
+                bytes, a binary file object or a ``PIL.Image.Image``.
+            image: The picture that receives the face (same kinds).
+            response_image_type: ``"png"``, ``"webp"`` or ``"jpeg"``.
+            enterprise_plan: Use Novita's dedicated enterprise endpoints.
+            output: Stream the result to this file (atomically); None keeps it
+                in memory as ``result.data``.
+            auto_resize: Override the client's ``auto_resize`` for this call.
+
+        Returns:
+            The merged image with the attempts and seconds it took.
+
+        Raises:
+            InvalidImageError: an input failed a local check (nothing was sent).
+            APIStatusError: the API refused the request (subclass per status).
+            APIConnectionError: no answer after the retry budget.
+            OutputError: the result could not be written to ``output``.
+
+        Example:
+            >>> result = await client.merge_face("face.jpg", "photo.jpg")  # doctest: +SKIP
+            >>> result.image_type, len(result.data)  # doctest: +SKIP
+            ('png', 1048576)
+        """
+        session = self._ensure_session()
+        if response_image_type not in RESPONSE_IMAGE_TYPES:
+            raise ConfigurationError(
+                f"response_image_type {response_image_type!r} is not one of "
+                f"{', '.join(RESPONSE_IMAGE_TYPES)}"
+            )
+        started = time.monotonic()
+        resize = self.auto_resize if auto_resize is None else auto_resize
+        face = await self._prepare(face_image, "face_image", resize)
+        target = await self._prepare(image, "image", resize)
+        body = RequestBody(face, target, build_extra(response_image_type, enterprise_plan))
+        out_path = Path(os.fspath(output)) if output is not None else None
+
+        async def attempt(number: int) -> tuple[str, Sink]:
+            sink: Sink = FileSink(out_path) if out_path is not None else MemorySink()
+            try:
+                image_type = await self._attempt(session, body, sink, response_image_type)
+                await sink.commit()
+            except BaseException:
+                await sink.discard()
+                raise
+            return image_type, sink
+
+        (image_type, sink), attempts = await retry_call(attempt, self.retry, what="merge-face")
+        data = sink.data if isinstance(sink, MemorySink) else None
+        return MergeFaceResult(
+            image_type=image_type, path=out_path, data=data,
+            attempts=attempts, elapsed=time.monotonic() - started,
+        )
+
+    async def _attempt(
+        self, session: aiohttp.ClientSession, body: RequestBody, sink: Sink, requested: str
+    ) -> str:
+        """One attempt: take a slot, wait for the pace, send, stream the answer."""
+        try:
+            with anyio.fail_after(self.timeout.pool):
+                await self._limiter.acquire()
+        except TimeoutError:
+            raise APITimeoutError(
+                f"waited {self.timeout.pool:g} s for a free request slot "
+                f"(max_concurrency={self.max_concurrency}); raise Timeout.pool or the concurrency"
+            ) from None
+        try:
+            await self.pacer.wait_turn()
+            try:
+                image_type = await send_merge_request(
+                    session, f"{self.base_url}{MERGE_FACE_PATH}", self._api_key, body, sink,
+                    self.timeout,
+                )
+            except RateLimitError as exc:
+                self.pacer.on_rate_limited(exc.retry_after)
+                raise
+            self.pacer.on_success()
+            return image_type or requested
+        finally:
+            self._limiter.release()
+
+    def batch(
+        self,
+        jobs: Iterable[MergeJob] | AsyncIterable[MergeJob],
+        *,
+        output_dir: str | os.PathLike[str] | None = None,
+        ledger: str | os.PathLike[str] | None = None,
+        ordered: bool = False,
+        progress: Any = None,
+        summary: BatchSummary | None = None,
+    ) -> AsyncIterator[JobResult]:
+        """Run many jobs concurrently; yield one :class:`JobResult` per job.
+
+        See :func:`novita_async.run_batch` semantics in the README: lazy
+        consumption, a per-job result or error, resume from ``ledger``.
+
+        Example:
+            >>> async for r in client.batch(jobs, output_dir="out"):  # doctest: +SKIP
+            ...     print(r.job.id, r.ok)
+        """
+        from novita_async._batch import run_batch
+
+        self._ensure_session()
+        return run_batch(self, jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,
+                         progress=progress, summary=summary)
+

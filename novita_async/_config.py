@@ -1,0 +1,135 @@
+"""Configuration value objects; every default of the library lives here.
+
+Everything is a small frozen dataclass so a config can be shared between
+clients and tasks without anyone mutating it under another's feet.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = [
+    "API_KEY_ENV",
+    "BASE_URL_ENV",
+    "DEFAULT_BASE_URL",
+    "ERROR_BODY_CAP",
+    "MAX_IMAGE_BYTES",
+    "MAX_IMAGE_SIDE",
+    "READ_CHUNK",
+    "RESPONSE_IMAGE_TYPES",
+    "RetryPolicy",
+    "Timeout",
+]
+
+DEFAULT_BASE_URL = "https://api.novita.ai"
+API_KEY_ENV = "NOVITA_API_KEY"
+BASE_URL_ENV = "NOVITA_BASE_URL"
+MERGE_FACE_PATH = "/v3/merge-face"
+
+#: The API's limits for each input image (the file, before base64).
+MAX_IMAGE_BYTES = 30 * 1024 * 1024
+MAX_IMAGE_SIDE = 2048
+
+#: Output formats the API accepts for ``extra.response_image_type``.
+RESPONSE_IMAGE_TYPES = ("png", "webp", "jpeg")
+
+#: Bytes read from a source per step.  A multiple of 3 so each chunk encodes
+#: to whole base64 quanta with no padding in the middle of the string.
+READ_CHUNK = 3 * 128 * 1024
+
+#: How much of an error body is read; the rest is discarded unread.
+ERROR_BODY_CAP = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """Time limits for one attempt, in seconds; none is unbounded.
+
+    Args:
+        total: Wall-clock limit for one attempt: upload, server work, download.
+            Novita advises clients to allow more than 60 s.
+        connect: Limit for opening the TCP/TLS connection.
+        read: Longest silence allowed between two reads of the response.
+        pool: Longest wait for a free slot in the client's concurrency pool.
+            Queued jobs wait here *before* their attempt clock starts.
+
+    Example:
+        >>> Timeout(total=90.0).connect
+        10.0
+    """
+
+    total: float = 180.0
+    connect: float = 10.0
+    read: float = 120.0
+    pool: float = 3600.0
+
+    def __post_init__(self) -> None:
+        for name in ("total", "connect", "read", "pool"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"Timeout.{name} must be a positive number of seconds, got {value!r}")
+
+    @classmethod
+    def of(cls, value: Timeout | float | None) -> Timeout:
+        """Coerce a number of seconds (the ``total``) or ``None`` (defaults) to a Timeout."""
+        if value is None:
+            return cls()
+        if isinstance(value, Timeout):
+            return value
+        total = float(value)
+        return cls(total=total, read=min(cls.read, total), connect=min(cls.connect, total))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to retry a transient failure (5xx, 408, 429, network).
+
+    Waits grow exponentially from ``initial_wait`` to ``max_wait`` with full
+    jitter; a server's ``Retry-After`` is honoured up to ``max_retry_after``.
+
+    Args:
+        max_attempts: Attempts in all, the first included (1 disables retries).
+        initial_wait: First backoff, seconds.
+        max_wait: Cap on one backoff, seconds.
+        total_timeout: Give up retrying once this many seconds have passed since
+            the first attempt started (the running attempt is not cut short).
+        jitter: Fraction of each wait that is randomised (0 = none, 1 = full).
+        max_retry_after: Cap on a server-requested wait, seconds.
+
+    Example:
+        >>> RetryPolicy(max_attempts=3, initial_wait=0.5).max_wait
+        60.0
+    """
+
+    max_attempts: int = 5
+    initial_wait: float = 1.0
+    max_wait: float = 60.0
+    total_timeout: float = 900.0
+    jitter: float = 1.0
+    max_retry_after: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError(f"RetryPolicy.max_attempts must be an int >= 1, got {self.max_attempts!r}")
+        for name in ("initial_wait", "max_wait", "total_timeout", "max_retry_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RetryPolicy.{name} must be >= 0 seconds")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError("RetryPolicy.jitter must be between 0 and 1")
+
+    def backoff(self, retry_number: int, rand: float) -> float:
+        """Seconds to wait before retry ``retry_number`` (1-based); ``rand`` in [0, 1)."""
+        base = min(self.max_wait, self.initial_wait * (2 ** (retry_number - 1)))
+        return base * (1.0 - self.jitter) + base * self.jitter * rand
+
+
+def env_api_key() -> str | None:
+    """The API key from the environment, or None when unset or blank."""
+    value = os.environ.get(API_KEY_ENV, "").strip()
+    return value or None
+
+
+def env_base_url() -> str:
+    """The base URL from the environment, else the public endpoint."""
+    return os.environ.get(BASE_URL_ENV, "").strip() or DEFAULT_BASE_URL

@@ -1,0 +1,352 @@
+"""The one exception tree of novita_async.
+
+::
+
+    NovitaError
+    ├── ConfigurationError          bad client settings (no API key, bad URL)
+    ├── ClientClosedError           the client was used after close
+    ├── APIStatusError              the server answered with an error status
+    │   ├── BadRequestError             400
+    │   │   ├── NoFaceDetectedError         IMAGE_NO_FACE_DETECTED
+    │   │   └── InsufficientBalanceError    BILLING_BALANCE_NOT_ENOUGH
+    │   ├── AuthenticationError         401, 400 MISSING_API_KEY, 403 INVALID_API_KEY
+    │   ├── PermissionDeniedError       other 403
+    │   ├── NotFoundError               404
+    │   ├── RateLimitError              429 (carries retry_after)
+    │   └── ServerError                 5xx
+    ├── APIConnectionError          the request never got an answer
+    │   └── APITimeoutError             ... because a time limit ran out
+    ├── InvalidResponseError        a 2xx whose body is not the success shape
+    ├── InvalidImageError           an input failed a local check; nothing was sent
+    │   └── SourceChangedError          an input changed size while it was uploaded
+    ├── OutputError                 the result could not be written where asked
+    └── JobNotAttemptedError        a batch stopped before this job ran
+
+Every error the library raises is one of these: aiohttp and tenacity
+exceptions are translated at one boundary and chained as ``__cause__``.
+``retryable`` says whether the retry layer treats the error as transient.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+__all__ = [
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ClientClosedError",
+    "ConfigurationError",
+    "InsufficientBalanceError",
+    "InvalidImageError",
+    "InvalidResponseError",
+    "JobNotAttemptedError",
+    "NoFaceDetectedError",
+    "NotFoundError",
+    "NovitaError",
+    "OutputError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ServerError",
+    "SourceChangedError",
+    "error_from_response",
+    "parse_retry_after",
+]
+
+# Headers that proxies and API gateways commonly use for a request id; the
+# Novita docs name none, so take the first that is present.
+_REQUEST_ID_HEADERS = ("x-request-id", "x-novita-request-id", "request-id", "x-trace-id")
+
+
+class NovitaError(Exception):
+    """Base class of every error novita_async raises."""
+
+    #: Whether retrying the same request may succeed.
+    retryable: bool = False
+
+
+class ConfigurationError(NovitaError, ValueError):
+    """The client was configured wrongly (for example no API key)."""
+
+
+class ClientClosedError(NovitaError, RuntimeError):
+    """The client was used after ``aclose()`` or outside its ``async with``."""
+
+
+class APIStatusError(NovitaError):
+    """The API answered with an error status.
+
+    Attributes:
+        status: HTTP status code.
+        reason: The API's machine-readable reason (``"INVALID_REQUEST_BODY"``),
+            or ``None`` when the body was not the API's error shape (an HTML page
+            from a proxy, say).
+        message: The API's human-readable message, or a summary of the body.
+        metadata: The API's string map of extra details (may be empty).
+        request_id: The server's request id header, when it sent one.
+        body: The error body as received (at most 64 KiB of it).
+    """
+
+    retryable = False
+
+    def __init__(
+        self,
+        *,
+        status: int,
+        reason: str | None,
+        message: str,
+        metadata: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        body: bytes = b"",
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.request_id = request_id
+        self.body = body
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        head = f"HTTP {self.status}"
+        if self.reason:
+            head += f" {self.reason}"
+        text = f"{head}: {self.message}" if self.message else head
+        if self.request_id:
+            text += f" (request id {self.request_id})"
+        return text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only __init__ needs help to survive pickling (multiprocessing, Ray).
+        return (_rebuild_status_error, (type(self), self.__dict__.copy()))
+
+
+def _rebuild_status_error(cls: type[APIStatusError], state: dict[str, Any]) -> APIStatusError:
+    error = cls.__new__(cls)
+    error.__dict__.update(state)
+    Exception.__init__(error, error._render())
+    return error
+
+
+class BadRequestError(APIStatusError):
+    """400: the request was refused as it is; sending it again will not help."""
+
+
+class NoFaceDetectedError(BadRequestError):
+    """400 IMAGE_NO_FACE_DETECTED: a normal outcome in bulk work, reported per job."""
+
+
+class InsufficientBalanceError(BadRequestError):
+    """400 BILLING_BALANCE_NOT_ENOUGH: every later request will fail too."""
+
+
+class AuthenticationError(APIStatusError):
+    """The API key is missing or invalid (400 MISSING_API_KEY, 401, 403 INVALID_API_KEY)."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: the key is valid but may not use this API (billing, plan)."""
+
+
+class NotFoundError(APIStatusError):
+    """404: wrong base URL or path."""
+
+
+class RateLimitError(APIStatusError):
+    """429: the account's rate limit was exceeded.
+
+    Attributes:
+        retry_after: Seconds the server asked to wait, or ``None``.
+    """
+
+    retryable = True
+
+    def __init__(self, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        self.retry_after = retry_after
+        super().__init__(**kwargs)
+
+
+class ServerError(APIStatusError):
+    """5xx: the server or a proxy in front of it failed; transient."""
+
+    retryable = True
+
+
+class _RetryableStatusError(APIStatusError):
+    """A status outside the classes above that is still transient (408)."""
+
+    retryable = True
+
+
+class APIConnectionError(NovitaError):
+    """The request got no (complete) answer: refused, reset or dropped connection."""
+
+    retryable = True
+
+
+class APITimeoutError(APIConnectionError):
+    """A time limit ran out before the answer was complete."""
+
+
+class InvalidResponseError(NovitaError):
+    """A 2xx answer whose body is not ``{"image_file": <base64>, ...}``.
+
+    A body cut short in transit is retryable; a well-formed body of the wrong
+    shape is not (the server would send it again).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class InvalidImageError(NovitaError, ValueError):
+    """An input image failed a local check (format, size, resolution, readable).
+
+    Nothing was sent. The message names the input, the rule and the fix.
+
+    Attributes:
+        input_name: Which input: ``"face_image"`` or ``"image"``.
+        source: A description of the input (its path, or its type and size).
+        rule: Short name of the rule broken, e.g. ``"max_resolution"``.
+    """
+
+    def __init__(self, message: str, *, input_name: str = "", source: str = "", rule: str = "") -> None:
+        super().__init__(message)
+        self.input_name = input_name
+        self.source = source
+        self.rule = rule
+
+
+class SourceChangedError(InvalidImageError):
+    """An input changed size while it was being uploaded; the request was aborted."""
+
+
+class OutputError(NovitaError, OSError):
+    """The result could not be written to its destination (permissions, full disk)."""
+
+
+class JobNotAttemptedError(NovitaError):
+    """A batch stopped early (a fatal error) before this job was sent.
+
+    Attributes:
+        cause: The fatal error that stopped the batch.
+    """
+
+    def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+_BY_REASON: dict[str, type[APIStatusError]] = {
+    "IMAGE_NO_FACE_DETECTED": NoFaceDetectedError,
+    "BILLING_BALANCE_NOT_ENOUGH": InsufficientBalanceError,
+    "MISSING_API_KEY": AuthenticationError,
+    "INVALID_API_KEY": AuthenticationError,
+}
+
+_BY_STATUS: dict[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    408: _RetryableStatusError,
+    429: RateLimitError,
+}
+
+
+def error_class_for(status: int, reason: str | None) -> type[APIStatusError]:
+    """The exception class for an error status and API reason (pure)."""
+    if reason in _BY_REASON:
+        return _BY_REASON[reason]
+    if status in _BY_STATUS:
+        return _BY_STATUS[status]
+    if status >= 500:
+        return ServerError
+    return APIStatusError
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta seconds or HTTP date).
+
+    Returns None when absent or unparseable; never negative.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    import email.utils
+    import time
+
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+def _summarise_body(body: bytes) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    if text.lstrip().lower().startswith(("<!doctype", "<html")):
+        return "non-JSON (HTML) error body"
+    text = " ".join(text.split())
+    return text[:200] + ("..." if len(text) > 200 else "") if text else "empty error body"
+
+
+def error_from_response(
+    status: int, headers: Mapping[str, str], body: bytes, *, redact: str | None = None
+) -> APIStatusError:
+    """Build the typed error for an error response (pure: no I/O).
+
+    Args:
+        status: HTTP status.
+        headers: Response headers (case-insensitive mapping expected).
+        body: The (capped) error body.
+        redact: A secret (the API key) to scrub from anything kept.
+    """
+    reason: str | None = None
+    message = ""
+    metadata: dict[str, str] = {}
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if isinstance(parsed, dict):
+        raw_reason = parsed.get("reason")
+        reason = raw_reason if isinstance(raw_reason, str) and raw_reason else None
+        raw_message = parsed.get("message")
+        message = raw_message if isinstance(raw_message, str) else ""
+        raw_meta = parsed.get("metadata")
+        if isinstance(raw_meta, dict):
+            metadata = {str(k): str(v) for k, v in raw_meta.items()}
+    if not message:
+        message = _summarise_body(body)
+    if redact:
+        message = message.replace(redact, "<redacted>")
+        metadata = {k: v.replace(redact, "<redacted>") for k, v in metadata.items()}
+        body = body.replace(redact.encode(), b"<redacted>")
+    request_id = next((headers[h] for h in _REQUEST_ID_HEADERS if h in headers), None)
+    if request_id is None:
+        request_id = metadata.get("request_id")
+    cls = error_class_for(status, reason)
+    common: dict[str, Any] = dict(
+        status=status, reason=reason, message=message, metadata=metadata,
+        request_id=request_id, body=body,
+    )
+    if cls is RateLimitError:
+        return RateLimitError(retry_after=parse_retry_after(headers.get("Retry-After")), **common)
+    error = cls(**common)
+    if status >= 500 or status in (408, 429):
+        # A 5xx mapped by reason (none today) must still be retried.
+        error.retryable = True
+    return error

@@ -1,0 +1,164 @@
+"""Where a merged image goes: memory, or a file that appears atomically.
+
+A file result is written to a hidden temporary file in the destination's
+folder and renamed into place only when the whole image has arrived, so no
+reader (and no resumed batch) ever sees a partial image under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import anyio.to_thread
+
+from novita_async._errors import OutputError
+
+__all__ = ["FileSink", "MemorySink", "Sink", "atomic_write_bytes"]
+
+#: Decoded bytes are gathered up to this size before one write in a thread,
+#: so a large image costs tens of thread hops, not thousands.
+_WRITE_BATCH = 1024 * 1024
+
+
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; do it once, at import, rather
+    # than racing other threads that create files later.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Mode for results: what a plain open() would give (mkstemp makes 0600 files).
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
+class Sink:
+    """Receives the decoded image of one attempt."""
+
+    async def write(self, data: bytes) -> None:
+        """Append decoded bytes."""
+        raise NotImplementedError
+
+    async def commit(self) -> None:
+        """The image is complete: make it visible."""
+        raise NotImplementedError
+
+    async def discard(self) -> None:
+        """The attempt failed: drop whatever was written."""
+        raise NotImplementedError
+
+
+class MemorySink(Sink):
+    """Collects the image in memory (``output=None``)."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self.data: bytes | None = None
+
+    async def write(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    async def commit(self) -> None:
+        self.data = b"".join(self._parts)
+        self._parts.clear()
+
+    async def discard(self) -> None:
+        self._parts.clear()
+
+
+class FileSink(Sink):
+    """Streams the image to a temporary file beside ``path``, renamed in on commit."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._tmp: str | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+
+    def _fail(self, exc: OSError, action: str) -> OutputError:
+        return OutputError(
+            f"cannot {action} {self.path}: {exc.strerror or exc}. "
+            "Check that the folder exists, is writable and has free space."
+        )
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd, self._tmp = tempfile.mkstemp(
+                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".part"
+            )
+        except OSError as exc:
+            raise self._fail(exc, "create a file in the folder of") from exc
+
+    def _flush_sync(self, parts: list[bytes]) -> None:
+        if self._fd is None:
+            self._open()
+        assert self._fd is not None
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+        except OSError as exc:
+            raise self._fail(exc, "write") from exc
+
+    async def _flush(self) -> None:
+        parts, self._pending, self._pending_size = self._pending, [], 0
+        await anyio.to_thread.run_sync(self._flush_sync, parts)
+
+    async def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= _WRITE_BATCH:
+            await self._flush()
+
+    def _commit_sync(self) -> None:
+        assert self._fd is not None and self._tmp is not None
+        try:
+            os.close(self._fd)
+            self._fd = None
+            os.chmod(self._tmp, _FILE_MODE)
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+        except OSError as exc:
+            raise self._fail(exc, "move the result into place at") from exc
+
+    async def commit(self) -> None:
+        await self._flush()
+        await anyio.to_thread.run_sync(self._commit_sync)
+
+    def _discard_sync(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            self._tmp = None
+
+    async def discard(self) -> None:
+        self._pending.clear()
+        # Shielded: a cancelled attempt must still remove its temporary file.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._discard_sync)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (blocking; used by ``save``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

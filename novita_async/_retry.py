@@ -1,0 +1,106 @@
+"""Retries of transient failures: tenacity, wrapped so none of it leaks.
+
+Only errors marked ``retryable`` are retried (5xx, 408, 429, dropped
+connections, timeouts, bodies cut short); everything else, local errors
+included, surfaces at once.  The last real error is re-raised (never
+``tenacity.RetryError``) with ``attempts`` set on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+)
+
+from novita_async._config import RetryPolicy
+from novita_async._errors import APIStatusError, NovitaError
+
+__all__ = ["is_retryable", "retry_call", "wait_seconds"]
+
+logger = logging.getLogger("novita_async")
+
+T = TypeVar("T")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether the retry layer may try again after ``exc``."""
+    return isinstance(exc, NovitaError) and exc.retryable
+
+
+def wait_seconds(policy: RetryPolicy, exc: BaseException | None, retry_number: int, rand: float) -> float:
+    """Seconds to wait before retry ``retry_number`` after ``exc`` (pure).
+
+    A server's Retry-After wins (capped at ``policy.max_retry_after``);
+    otherwise exponential backoff with jitter.
+    """
+    retry_after = getattr(exc, "retry_after", None) if isinstance(exc, APIStatusError) else None
+    if retry_after is not None:
+        return min(float(retry_after), policy.max_retry_after)
+    return policy.backoff(retry_number, rand)
+
+
+def _describe(exc: BaseException | None) -> str:
+    if isinstance(exc, APIStatusError):
+        return f"HTTP {exc.status}" + (f" {exc.reason}" if exc.reason else "")
+    return type(exc).__name__
+
+
+async def retry_call(
+    attempt: Callable[[int], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    what: str = "request",
+    rng: random.Random | None = None,
+) -> tuple[T, int]:
+    """Call ``attempt(n)`` for n = 1, 2, ... until it succeeds or may not retry.
+
+    Returns:
+        The result and the number of attempts made.
+
+    Raises:
+        The last attempt's exception, with ``attempts`` set on NovitaErrors.
+    """
+    chooser = rng or random.Random()
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        return wait_seconds(policy, exc, state.attempt_number, chooser.random())
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        sleep = state.next_action.sleep if state.next_action else 0.0
+        logger.info(
+            "%s failed with %s (attempt %d of %d); retrying in %.2f s",
+            what, _describe(exc), state.attempt_number, policy.max_attempts, sleep,
+        )
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(policy.total_timeout),
+        wait=wait,
+        retry=retry_if_exception(is_retryable),
+        reraise=True,
+        sleep=anyio.sleep,
+        before_sleep=before_sleep,
+    )
+    number = 0
+    try:
+        async for state in retrying:
+            with state:
+                number = state.retry_state.attempt_number
+                result = await attempt(number)
+            if not state.retry_state.outcome or not state.retry_state.outcome.failed:
+                return result, number
+    except NovitaError as exc:
+        exc.attempts = number
+        raise
+    raise AssertionError("unreachable: tenacity ended without a result")  # pragma: no cover

@@ -1,0 +1,288 @@
+"""Input images as re-readable byte sources with a size known up front.
+
+An upload needs its exact length before the first byte goes out (so the
+request has a Content-Length and no chunked encoding) and must be readable
+once per attempt.  Each kind of input the client accepts becomes one
+:class:`ImageSource` here; validation and resizing live in ``_images``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Union
+
+import anyio.to_thread
+
+from novita_async._errors import InvalidImageError, SourceChangedError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["ImageInput", "ImageSource", "describe_input", "source_from_input"]
+
+#: What ``merge_face`` accepts for each image.
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], "Image.Image"]
+
+
+class ImageSource:
+    """A validated-size input that can be streamed again for every attempt.
+
+    Attributes:
+        input_name: ``"face_image"`` or ``"image"``, for messages.
+        description: What the input is, for messages (a path, or a type and size).
+        size: Exact length in bytes.
+    """
+
+    input_name: str
+    description: str
+    size: int
+
+    def chunks(self, chunk_size: int) -> AsyncIterator[bytes | memoryview]:
+        """Yield the bytes in pieces of ``chunk_size`` (the last may be shorter).
+
+        Raises:
+            SourceChangedError: the input is shorter or longer than ``size`` now.
+        """
+        raise NotImplementedError
+
+    def open_sync(self) -> IO[bytes]:
+        """A seekable binary stream at the image's start, for header checks (blocking)."""
+        raise NotImplementedError
+
+    def _changed(self, got: int) -> SourceChangedError:
+        return SourceChangedError(
+            f"{self.input_name} ({self.description}) changed while it was being uploaded: "
+            f"expected {self.size} bytes, read {got}. The request was aborted and not retried; "
+            "make sure nothing writes to the file during the upload.",
+            input_name=self.input_name,
+            source=self.description,
+            rule="changed",
+        )
+
+
+@dataclass
+class _BufferSource(ImageSource):
+    """Bytes already in memory; chunks are zero-copy memoryview slices."""
+
+    input_name: str
+    description: str
+    view: memoryview
+
+    def __post_init__(self) -> None:
+        self.view = self.view.cast("B") if self.view.ndim != 1 or self.view.format != "B" else self.view
+        self.size = self.view.nbytes
+
+    async def chunks(self, chunk_size: int) -> AsyncIterator[bytes | memoryview]:
+        for start in range(0, self.size, chunk_size):
+            yield self.view[start : start + chunk_size]
+
+    def open_sync(self) -> IO[bytes]:
+        return io.BytesIO(self.view)
+
+
+@dataclass
+class _PathSource(ImageSource):
+    """A file on disk, read in a worker thread so the event loop never blocks."""
+
+    input_name: str
+    description: str
+    path: Path
+    size: int
+
+    async def chunks(self, chunk_size: int) -> AsyncIterator[bytes | memoryview]:
+        handle = await anyio.to_thread.run_sync(self.path.open, "rb")
+        try:
+            async for chunk in _read_exactly(self, handle, chunk_size):
+                yield chunk
+        finally:
+            await anyio.to_thread.run_sync(handle.close)
+
+    def open_sync(self) -> IO[bytes]:
+        return self.path.open("rb")
+
+
+@dataclass
+class _FileObjectSource(ImageSource):
+    """A seekable binary file object; every attempt seeks back to where it started."""
+
+    input_name: str
+    description: str
+    handle: IO[bytes]
+    start: int
+    size: int
+
+    async def chunks(self, chunk_size: int) -> AsyncIterator[bytes | memoryview]:
+        await anyio.to_thread.run_sync(self.handle.seek, self.start)
+        async for chunk in _read_exactly(self, self.handle, chunk_size):
+            yield chunk
+
+    def open_sync(self) -> IO[bytes]:
+        self.handle.seek(self.start)
+        return _NonClosing(self.handle, self.start)
+
+
+class _NonClosing(io.RawIOBase):
+    """A view of a caller's file object that rebases offsets and never closes it."""
+
+    def __init__(self, handle: IO[bytes], start: int) -> None:
+        super().__init__()
+        self._handle, self._start = handle, start
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._handle.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            offset += self._start
+        return self._handle.seek(offset, whence) - self._start
+
+    def tell(self) -> int:
+        return self._handle.tell() - self._start
+
+    def close(self) -> None:
+        # The caller owns the handle; only this view is closed.
+        io.RawIOBase.close(self)
+
+
+async def _read_exactly(source: ImageSource, handle: IO[bytes], chunk_size: int) -> AsyncIterator[bytes]:
+    """Read exactly ``source.size`` bytes in chunks, refusing a file that changed size."""
+    remaining = source.size
+    carry = b""
+    while remaining > 0:
+        want = min(chunk_size - len(carry), remaining)
+        data = await anyio.to_thread.run_sync(handle.read, want)
+        if not data:
+            raise source._changed(source.size - remaining)
+        remaining -= len(data)
+        # Short reads (pipes, custom streams) are topped up so every chunk but
+        # the last stays a whole multiple of the requested size.
+        data = carry + data if carry else data
+        if remaining > 0 and len(data) < chunk_size:
+            carry = data
+            continue
+        carry = b""
+        yield data
+    # One more byte means the file grew while we read it.
+    if await anyio.to_thread.run_sync(handle.read, 1):
+        raise source._changed(source.size + 1)
+
+
+def describe_input(value: object) -> str:
+    """A short description of an input for messages; never its contents."""
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value) if isinstance(os.fspath(value), str) else repr(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"{type(value).__name__} ({memoryview(value).nbytes} bytes)"
+    name = getattr(value, "name", None)
+    if isinstance(name, str):
+        return name
+    return type(value).__name__
+
+
+def _is_pil_image(value: object) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        return False
+    return isinstance(value, Image.Image)
+
+
+def _encode_pil(image: Image.Image) -> bytes:
+    """Encode a Pillow image for upload: JPEG stays JPEG, everything else PNG."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    if image.mode not in ("RGB", "RGBA", "L", "LA"):
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    if getattr(image, "format", None) == "JPEG" and image.mode in ("RGB", "L"):
+        image.save(buffer, format="JPEG", quality=95)
+    else:
+        # Low compression: the upload is local-to-server bandwidth, zlib level 6
+        # costs several times more CPU for a few percent.
+        image.save(buffer, format="PNG", compress_level=1)
+    del Image
+    return buffer.getvalue()
+
+
+def _stat_path(path: Path, input_name: str, description: str) -> int:
+    def fail(rule: str, what: str, fix: str) -> InvalidImageError:
+        return InvalidImageError(
+            f"{input_name} ({description}): {what} [rule {rule}]. {fix}",
+            input_name=input_name, source=description, rule=rule,
+        )
+
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise fail("not_found", "no such file", "Check the path (relative paths resolve against the current folder).") from None
+    except PermissionError:
+        raise fail("unreadable", "permission denied", "Make the file readable by this user.") from None
+    except OSError as exc:
+        raise fail("unreadable", f"cannot be read ({exc.strerror})", "Check the path.") from None
+    if path.is_dir():
+        raise fail("not_a_file", "is a directory, not an image file", "Pass the path of an image file.")
+    if not os.access(path, os.R_OK):
+        raise fail("unreadable", "permission denied", "Make the file readable by this user.")
+    return stat.st_size
+
+
+def _source_sync(value: object, input_name: str) -> ImageSource:
+    description = describe_input(value)
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(os.fspath(value))
+        return _PathSource(input_name, description, path, _stat_path(path, input_name, description))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _BufferSource(input_name, description, memoryview(value))
+    if _is_pil_image(value):
+        data = _encode_pil(value)  # type: ignore[arg-type]  # checked by _is_pil_image
+        return _BufferSource(input_name, f"PIL image ({len(data)} bytes encoded)", memoryview(data))
+    if hasattr(value, "read"):
+        handle: IO[bytes] = value  # type: ignore[assignment]  # duck-typed file object
+        seekable = getattr(handle, "seekable", lambda: False)()
+        if seekable:
+            start = handle.tell()
+            end = handle.seek(0, io.SEEK_END)
+            handle.seek(start)
+            return _FileObjectSource(input_name, description, handle, start, end - start)
+        # A pipe cannot be measured or replayed: take it in once.
+        data = handle.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise InvalidImageError(
+                f"{input_name} ({description}): file object returned {type(data).__name__}, "
+                "not bytes [rule type]. Open the file in binary mode ('rb').",
+                input_name=input_name, source=description, rule="type",
+            )
+        return _BufferSource(input_name, description, memoryview(bytes(data)))
+    raise InvalidImageError(
+        f"{input_name}: unsupported input type {type(value).__name__} [rule type]. Pass a path "
+        "(str or os.PathLike), bytes, a binary file object or a PIL.Image.Image.",
+        input_name=input_name, source=description, rule="type",
+    )
+
+
+async def source_from_input(value: object, input_name: str) -> ImageSource:
+    """Turn a user's input into an :class:`ImageSource` (stat, seek or encode in a thread).
+
+    Raises:
+        InvalidImageError: unsupported type, missing or unreadable file.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _source_sync(value, input_name)
+    return await anyio.to_thread.run_sync(_source_sync, value, input_name)
+
+
+def buffer_source(data: bytes, input_name: str, description: str) -> ImageSource:
+    """An in-memory source (used for images resized by ``auto_resize``)."""
+    return _BufferSource(input_name, description, memoryview(data))

@@ -1,0 +1,116 @@
+"""One HTTP exchange with the API, and the one place aiohttp errors are translated.
+
+Everything aiohttp can raise is turned into a NovitaError here, chained with
+``from``; nothing above this module sees an aiohttp type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+
+from novita_async._config import ERROR_BODY_CAP, Timeout
+from novita_async._decode import SuccessBodyDecoder
+from novita_async._encode import RequestBody
+from novita_async._errors import (
+    APIConnectionError,
+    APITimeoutError,
+    InvalidResponseError,
+    NovitaError,
+    error_from_response,
+)
+from novita_async._output import Sink
+
+__all__ = ["read_capped", "send_merge_request"]
+
+logger = logging.getLogger("novita_async")
+
+
+async def read_capped(content: aiohttp.StreamReader, cap: int) -> bytes:
+    """Read at most ``cap`` bytes of a body; the rest is left unread."""
+    parts: list[bytes] = []
+    size = 0
+    while size < cap:
+        chunk = await content.read(cap - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
+async def _stream_success(response: aiohttp.ClientResponse, sink: Sink) -> str | None:
+    decoder = SuccessBodyDecoder()
+    async for chunk in response.content.iter_any():
+        decoded = decoder.feed(chunk)
+        if decoded:
+            await sink.write(decoded)
+    tail = decoder.finish()
+    if tail:
+        await sink.write(tail)
+    return decoder.image_type
+
+
+def _aiohttp_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read
+    )
+
+
+async def send_merge_request(
+    session: aiohttp.ClientSession,
+    url: str,
+    api_key: str,
+    body: RequestBody,
+    sink: Sink,
+    timeout: Timeout,
+) -> str | None:
+    """POST one merge request and stream a success into ``sink``.
+
+    Returns:
+        The ``image_type`` the server reported (None if it sent none).
+
+    Raises:
+        APIStatusError: an error status (typed by status and reason).
+        InvalidResponseError: a 2xx whose body is not the success shape.
+        APIConnectionError / APITimeoutError: no complete answer.
+        Whatever local error stopped the body stream (never disguised as a
+        connection error).
+    """
+    headers = {
+        "Authorization": f"Bearer {api_key}",
+        "Content-Type": "application/json",
+        "Accept": "application/json",
+        # An exact length: aiohttp then sends the generator without chunking.
+        "Content-Length": str(body.content_length),
+    }
+    logger.debug("POST %s (%d bytes)", url, body.content_length)
+    try:
+        async with session.post(
+            url, data=body.stream(), headers=headers, timeout=_aiohttp_timeout(timeout)
+        ) as response:
+            logger.debug("HTTP %d from %s", response.status, url)
+            if 200 <= response.status < 300:
+                return await _stream_success(response, sink)
+            error_body = await read_capped(response.content, ERROR_BODY_CAP)
+            raise error_from_response(response.status, response.headers, error_body, redact=api_key)
+    except NovitaError:
+        raise
+    except (asyncio.TimeoutError, TimeoutError) as exc:
+        if body.error is not None:
+            raise body.error from exc
+        raise APITimeoutError(f"no complete answer from {url} within the time limit "
+                              f"(total {timeout.total:g} s, read {timeout.read:g} s)") from exc
+    except aiohttp.ClientPayloadError as exc:
+        if body.error is not None:
+            raise body.error from exc
+        raise InvalidResponseError(f"the response from {url} was cut short: {exc}",
+                                   retryable=True) from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        if body.error is not None:
+            # A failure inside our body generator reaches us as a connection
+            # error; it is local and must not be retried.
+            raise body.error from exc
+        raise APIConnectionError(f"connection to {url} failed: {type(exc).__name__}: {exc}") from exc

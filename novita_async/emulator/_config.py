@@ -1,0 +1,110 @@
+"""The emulator's settings: contract limits, latency, faults, rate limit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+__all__ = ["FAULT_KINDS", "DEFAULT_API_KEY", "EmulatorConfig", "Faults"]
+
+#: The key the emulator accepts unless told otherwise (and the demo uses).
+DEFAULT_API_KEY = "sk_emulator_local"
+
+#: Fault kinds and what each does to one attempt.
+FAULT_KINDS: Mapping[str, str] = MappingProxyType({
+    "500": "500 CREATE_TASK_FAILED (JSON body)",
+    "502_html": "502 with an HTML body, as a proxy sends",
+    "503": "503 surge protection (JSON body)",
+    "429": "429 RATE_LIMIT_EXCEEDED without Retry-After",
+    "429_retry_after": "429 RATE_LIMIT_EXCEEDED with Retry-After: 1",
+    "drop": "connection closed without an answer",
+    "truncate": "200 whose body stops half-way, then the connection closes",
+    "slow": "answer only after slow_seconds (longer than a client's timeout)",
+    "drip": "200 whose body trickles one byte per drip_interval seconds",
+    "bad_json": "200 whose body is not JSON",
+    "no_image_file": "200 with JSON lacking image_file",
+    "bad_base64": "200 whose image_file is not valid base64",
+    "huge_error": "500 with a 10 MB error body",
+    "wrong_content_type": "200 success body labelled text/plain",
+})
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Failures the emulator injects, for tests and for users' own chaos runs.
+
+    Args:
+        rates: Probability per attempt of each fault kind (see ``FAULT_KINDS``);
+            the rates add up to the share of attempts that fail.
+        fail_first: Fail the first N attempts of each job (a job is its pair of
+            images), whatever the rates say.
+        fail_first_kind: The fault used for ``fail_first``.
+        seed: Seed for the fault dice (None: random).
+        slow_seconds: How long a ``slow`` answer takes.
+        drip_interval: Seconds between bytes of a ``drip`` answer.
+
+    Example:
+        >>> Faults(rates={"503": 0.1, "drop": 0.05}).total_rate
+        0.15000000000000002
+    """
+
+    rates: Mapping[str, float] = field(default_factory=dict)
+    fail_first: int = 0
+    fail_first_kind: str = "503"
+    seed: int | None = None
+    slow_seconds: float = 30.0
+    drip_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.rates) - set(FAULT_KINDS)
+        if self.fail_first_kind not in FAULT_KINDS:
+            unknown.add(self.fail_first_kind)
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {sorted(FAULT_KINDS)}")
+        if any(not 0 <= r <= 1 for r in self.rates.values()) or self.total_rate > 1:
+            raise ValueError("fault rates must be in [0, 1] and add up to at most 1")
+        object.__setattr__(self, "rates", MappingProxyType(dict(self.rates)))
+
+    @property
+    def total_rate(self) -> float:
+        """Share of attempts that get some fault."""
+        return sum(self.rates.values())
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """How the emulator behaves.
+
+    Args:
+        api_keys: Keys it accepts (compared in constant time).
+        latency: Seconds each successful merge takes, on top of the merge itself.
+        jitter: Up to this many seconds more, uniformly at random.
+        faults: Failures to inject.
+        rate_limit_rpm: Per-key limit in requests per minute (None: unlimited).
+        rate_limit_burst: Requests a key may make at once before the pace applies.
+        rate_limit_retry_after: Send ``Retry-After`` with rate-limit 429s.
+        merge_workers: Merges run at once in worker threads.
+        engine: ``"auto"`` (the real face merge when the [local] extra is
+            installed, else the composite), ``"face"`` or ``"composite"``.
+        balance: Successful merges before ``BILLING_BALANCE_NOT_ENOUGH`` (None: unlimited).
+        max_body_bytes: Largest request body accepted (two 30 MB images as base64, plus slack).
+    """
+
+    api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
+    latency: float = 0.0
+    jitter: float = 0.0
+    faults: Faults = field(default_factory=Faults)
+    rate_limit_rpm: float | None = None
+    rate_limit_burst: int = 3
+    rate_limit_retry_after: bool = False
+    merge_workers: int = 2
+    engine: str = "auto"
+    balance: int | None = None
+    max_body_bytes: int = 2 * 41 * 1024 * 1024 + 64 * 1024
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("auto", "face", "composite"):
+            raise ValueError("engine must be 'auto', 'face' or 'composite'")
+        if not self.api_keys:
+            raise ValueError("the emulator needs at least one API key")
