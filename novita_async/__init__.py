@@ -7,6 +7,7 @@ Example:
     ...         result = await client.merge_face("face.jpg", "photo.jpg", output="out.png")
 """
 
+from novita_async._batch import BatchRun
 from novita_async._client import NovitaClient
 from novita_async._config import RetryPolicy, Timeout
 from novita_async._errors import (
@@ -30,7 +31,10 @@ from novita_async._errors import (
     ServerError,
     SourceChangedError,
 )
+from novita_async._jobs import JobResult, JobStatus, MergeJob
+from novita_async._manifest import ManifestError, jobs_from_folders, read_manifest
 from novita_async._result import MergeFaceResult
+from novita_async._summary import BatchSummary
 from novita_async._version import __version__
 
 __all__ = [
@@ -39,13 +43,19 @@ __all__ = [
     "APITimeoutError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchRun",
+    "BatchSummary",
     "ClientClosedError",
     "ConfigurationError",
     "InsufficientBalanceError",
     "InvalidImageError",
     "InvalidResponseError",
     "JobNotAttemptedError",
+    "JobResult",
+    "JobStatus",
+    "ManifestError",
     "MergeFaceResult",
+    "MergeJob",
     "NoFaceDetectedError",
     "NotFoundError",
     "NovitaClient",
@@ -58,4 +68,6 @@ __all__ = [
     "SourceChangedError",
     "Timeout",
     "__version__",
+    "jobs_from_folders",
+    "read_manifest",
 ]

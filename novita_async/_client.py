@@ -42,10 +42,12 @@ from novita_async._sources import ImageSource, buffer_source, source_from_input
 from novita_async._transport import send_merge_request
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, AsyncIterable, Iterable
+    from collections.abc import AsyncIterable, Callable, Iterable
     from types import TracebackType
 
-    from novita_async._batch import BatchSummary, JobResult, MergeJob
+    from novita_async._batch import BatchRun
+    from novita_async._jobs import MergeJob
+    from novita_async._summary import BatchSummary
     from novita_async._sources import ImageInput
 
 __all__ = ["NovitaClient"]
@@ -270,6 +272,24 @@ class NovitaClient:
             >>> result.image_type, len(result.data)  # doctest: +SKIP
             ('png', 1048576)
         """
+        return await self._merge(
+            face_image, image, response_image_type=response_image_type,
+            enterprise_plan=enterprise_plan, output=output, auto_resize=auto_resize,
+        )
+
+    async def _merge(
+        self,
+        face_image: ImageInput,
+        image: ImageInput,
+        *,
+        response_image_type: str = "png",
+        enterprise_plan: bool = False,
+        output: str | os.PathLike[str] | None = None,
+        auto_resize: bool | None = None,
+        gate: Callable[[], BaseException | None] | None = None,
+    ) -> MergeFaceResult:
+        """merge_face, plus ``gate``: checked before each attempt is sent; an
+        exception it returns is raised instead of sending (the batch's stop)."""
         session = self._ensure_session()
         if response_image_type not in RESPONSE_IMAGE_TYPES:
             raise ConfigurationError(
@@ -286,7 +306,7 @@ class NovitaClient:
         async def attempt(number: int) -> tuple[str, Sink]:
             sink: Sink = FileSink(out_path) if out_path is not None else MemorySink()
             try:
-                image_type = await self._attempt(session, body, sink, response_image_type)
+                image_type = await self._attempt(session, body, sink, response_image_type, gate)
                 await sink.commit()
             except BaseException:
                 await sink.discard()
@@ -301,7 +321,12 @@ class NovitaClient:
         )
 
     async def _attempt(
-        self, session: aiohttp.ClientSession, body: RequestBody, sink: Sink, requested: str
+        self,
+        session: aiohttp.ClientSession,
+        body: RequestBody,
+        sink: Sink,
+        requested: str,
+        gate: Callable[[], BaseException | None] | None = None,
     ) -> str:
         """One attempt: take a slot, wait for the pace, send, stream the answer."""
         try:
@@ -314,6 +339,9 @@ class NovitaClient:
             ) from None
         try:
             await self.pacer.wait_turn()
+            stop = gate() if gate is not None else None
+            if stop is not None:
+                raise stop
             try:
                 image_type = await send_merge_request(
                     session, f"{self.base_url}{MERGE_FACE_PATH}", self._api_key, body, sink,
@@ -335,20 +363,38 @@ class NovitaClient:
         ledger: str | os.PathLike[str] | None = None,
         ordered: bool = False,
         progress: Any = None,
+        response_image_type: str = "png",
         summary: BatchSummary | None = None,
-    ) -> AsyncIterator[JobResult]:
-        """Run many jobs concurrently; yield one :class:`JobResult` per job.
+    ) -> BatchRun:
+        """Run many merges concurrently; iterate the result for one :class:`JobResult` per job.
 
-        See :func:`novita_async.run_batch` semantics in the README: lazy
-        consumption, a per-job result or error, resume from ``ledger``.
+        Args:
+            jobs: Any iterable or async iterable of :class:`MergeJob`, consumed
+                lazily: only about ``max_concurrency`` jobs exist at a time.
+            output_dir: Folder for results (``<id>.<ext>`` unless a job names
+                its ``output``); None keeps results in memory.
+            ledger: A JSONL file recording every finished job; re-running with
+                the same ledger skips jobs already done.
+            ordered: Yield results in input order (a bounded reorder window).
+            progress: True, False, None (a bar when stderr is a terminal), a
+                tqdm-like object, or a callable taking each JobResult.
+            response_image_type: Output type for jobs that do not set one.
+            summary: A :class:`BatchSummary` to fill (also ``run.summary``).
+
+        Returns:
+            A :class:`BatchRun`: an async iterator (and async context manager).
 
         Example:
-            >>> async for r in client.batch(jobs, output_dir="out"):  # doctest: +SKIP
-            ...     print(r.job.id, r.ok)
+            >>> jobs = (na.MergeJob(f, "photo.jpg") for f in faces)  # doctest: +SKIP
+            >>> async for r in client.batch(jobs, output_dir="out", ledger="out/ledger.jsonl"):
+            ...     print(r.job.id, r.status)
         """
-        from novita_async._batch import run_batch
+        from novita_async._batch import BatchRun
 
         self._ensure_session()
-        return run_batch(self, jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,
-                         progress=progress, summary=summary)
-
+        if response_image_type not in RESPONSE_IMAGE_TYPES:
+            raise ConfigurationError(
+                f"response_image_type {response_image_type!r} is not one of {', '.join(RESPONSE_IMAGE_TYPES)}"
+            )
+        return BatchRun(self, jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,
+                        progress=progress, summary=summary, response_image_type=response_image_type)

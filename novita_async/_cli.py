@@ -1,0 +1,269 @@
+"""The ``novita-async`` command line: merge, batch, serve, demo, status.
+
+Exit codes: 0 all ok, 1 some jobs failed, 2 usage or input error (a message,
+no traceback), 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from novita_async._client import NovitaClient
+from novita_async._config import API_KEY_ENV, BASE_URL_ENV, RESPONSE_IMAGE_TYPES, RetryPolicy, Timeout
+from novita_async._errors import ConfigurationError, InvalidImageError, NovitaError
+from novita_async._jobs import JobResult, JobStatus, MergeJob
+from novita_async._manifest import BadRow, ManifestError, check_manifest, jobs_from_folders
+from novita_async._version import __version__
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+logger = logging.getLogger("novita_async")
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: exit 2 with this message."""
+
+
+def _say(message: str) -> None:
+    """Write a line for the user on stderr, without breaking a progress bar."""
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        sys.stderr.write(message + "\n")
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument("--base-url", help=f"API base URL (default: ${BASE_URL_ENV} or https://api.novita.ai)")
+    group.add_argument("--api-key", help=f"API key (default: ${API_KEY_ENV}); keys start with sk_")
+    group.add_argument("--concurrency", type=int, default=8, metavar="N",
+                       help="requests in flight at most (default: 8)")
+    group.add_argument("--rpm", type=float, metavar="R",
+                       help="requests per minute to pace at (default: adapt to the server's 429s)")
+    group.add_argument("--timeout", type=float, default=180.0, metavar="S",
+                       help="seconds allowed for one attempt (default: 180)")
+    group.add_argument("--max-attempts", type=int, default=5, metavar="N",
+                       help="attempts per job, retries of transient errors included (default: 5)")
+    group.add_argument("--auto-resize", action="store_true",
+                       help="downsize inputs over 2048x2048 (and convert CMYK/16-bit) instead of refusing them")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="novita-async",
+        description="Merge faces with Novita's Merge Face API, one at a time or in bulk.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more (-v: retries and pacing, -vv: every request)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    merge = sub.add_parser("merge", help="merge one face into one image",
+                           description="Put the face from FACE onto the face in IMAGE.")
+    merge.add_argument("face", metavar="FACE", help="image with the face to put in")
+    merge.add_argument("image", metavar="IMAGE", help="image that receives the face")
+    merge.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the result")
+    merge.add_argument("--type", choices=RESPONSE_IMAGE_TYPES, default="png", help="result format (default: png)")
+    _add_client_options(merge)
+
+    batch = sub.add_parser(
+        "batch", help="merge many pairs from a manifest or two folders",
+        description="Run a batch: every job ends in the ledger as ok or failed; re-running resumes.",
+    )
+    batch.add_argument("manifest", nargs="?", metavar="MANIFEST",
+                       help="CSV (face_image,image[,output][,id][,response_image_type]) or JSONL manifest")
+    batch.add_argument("--faces", metavar="DIR", help="folder of face images (instead of a manifest)")
+    batch.add_argument("--images", metavar="DIR", help="folder of target images (with --faces)")
+    batch.add_argument("--pair", choices=("zip", "product"), default="zip",
+                       help="with folders: zip pairs 1st with 1st; product does every face on every image")
+    batch.add_argument("-o", "--output-dir", required=True, metavar="OUT_DIR", help="folder for results")
+    batch.add_argument("--type", choices=RESPONSE_IMAGE_TYPES, default="png", help="result format (default: png)")
+    batch.add_argument("--ledger", metavar="FILE", help="ledger file (default: OUT_DIR/ledger.jsonl)")
+    batch.add_argument("--ordered", action="store_true", help="report results in input order")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    batch.add_argument("--grace", type=float, default=60.0, metavar="S",
+                       help="after Ctrl-C, seconds to let in-flight jobs finish (default: 60)")
+    _add_client_options(batch)
+
+    serve = sub.add_parser("serve", help="run the local emulator of the API",
+                           description="Serve a local emulator of the Merge Face API (offline).")
+    from novita_async.emulator._cli import add_serve_options
+
+    add_serve_options(serve)
+
+    demo = sub.add_parser("demo", help="run a batch against a local emulator, offline",
+                          description="Start the emulator, make sample inputs, run a batch, write a contact sheet.")
+    demo.add_argument("--jobs", type=int, default=24, metavar="N", help="jobs to run (default: 24)")
+    demo.add_argument("-o", "--output-dir", default="novita-demo", metavar="DIR",
+                      help="where inputs, results, ledger and contact sheet go (default: ./novita-demo)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight (default: 4)")
+    demo.add_argument("--latency", type=float, default=0.3, metavar="S",
+                      help="emulated server latency per merge (default: 0.3)")
+    return parser
+
+
+def _client_from_args(args: argparse.Namespace) -> NovitaClient:
+    try:
+        return NovitaClient(
+            api_key=args.api_key, base_url=args.base_url,
+            timeout=Timeout.of(args.timeout),
+            retry=RetryPolicy(max_attempts=args.max_attempts),
+            max_concurrency=args.concurrency,
+            requests_per_minute=args.rpm,
+            auto_resize=args.auto_resize,
+        )
+    except (ConfigurationError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+async def _merge_command(args: argparse.Namespace) -> int:
+    client = _client_from_args(args)
+    async with client:
+        try:
+            result = await client.merge_face(args.face, args.image, response_image_type=args.type,
+                                             output=args.output)
+        except InvalidImageError as exc:
+            raise UsageError(str(exc)) from None
+        except NovitaError as exc:
+            _say(f"error: {type(exc).__name__}: {exc}")
+            return EXIT_FAILED
+    _say(f"wrote {result.path} ({result.image_type}, {result.attempts} attempt"
+         f"{'s' if result.attempts != 1 else ''}, {result.elapsed:.2f} s)")
+    return EXIT_OK
+
+
+def _jobs_from_args(args: argparse.Namespace) -> Iterator[MergeJob | BadRow]:
+    if args.manifest and (args.faces or args.images):
+        raise UsageError("give either MANIFEST or --faces/--images, not both")
+    try:
+        if args.manifest:
+            return check_manifest(args.manifest)
+        if args.faces and args.images:
+            return iter(jobs_from_folders(args.faces, args.images, pair=args.pair,
+                                          response_image_type=args.type))
+    except (ManifestError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    raise UsageError("give a MANIFEST, or both --faces DIR and --images DIR")
+
+
+def _report(result: JobResult) -> None:
+    if result.status == JobStatus.FAILED:
+        _say(f"failed {result.job.id}: {result.error_reason}: {result.error}")
+
+
+async def run_batch_command(
+    client: NovitaClient,
+    jobs: Iterable[MergeJob | BadRow],
+    *,
+    output_dir: Path,
+    ledger: Path,
+    response_image_type: str = "png",
+    ordered: bool = False,
+    progress: bool | None = None,
+    grace: float = 60.0,
+) -> tuple[int, Any]:
+    """Run a batch as the CLI does: signals, per-failure lines, summary. Returns (exit code, summary)."""
+    run = client.batch(jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,  # type: ignore[arg-type]  # BadRow rows are reported by the batch
+                       progress=progress, response_image_type=response_image_type)
+    loop = asyncio.get_running_loop()
+    scope = anyio.CancelScope()
+    interrupts = 0
+
+    def on_signal() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            run.stop()
+            _say(f"interrupted: finishing jobs in flight (up to {grace:g} s); press Ctrl-C again to stop now")
+            loop.call_later(grace, scope.cancel)
+        else:
+            scope.cancel()
+
+    installed = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, on_signal)
+            installed.append(signum)
+    try:
+        with scope:
+            async for result in run:
+                _report(result)
+    finally:
+        await run.aclose()
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+    summary = run.summary
+    if scope.cancelled_caught or interrupts:
+        summary.interrupted = True
+    _say(summary.line())
+    _say(f"results: {output_dir}  ledger: {ledger}")
+    if summary.interrupted:
+        return EXIT_INTERRUPTED, summary
+    return (EXIT_FAILED if summary.failed_total or summary.not_attempted else EXIT_OK), summary
+
+
+async def _batch_command(args: argparse.Namespace) -> int:
+    jobs = _jobs_from_args(args)
+    output_dir = Path(args.output_dir)
+    ledger = Path(args.ledger) if args.ledger else output_dir / "ledger.jsonl"
+    client = _client_from_args(args)
+    async with client:
+        code, _ = await run_batch_command(
+            client, jobs, output_dir=output_dir, ledger=ledger, response_image_type=args.type,
+            ordered=args.ordered, progress=False if args.no_progress else None, grace=args.grace,
+        )
+    return code
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``novita-async``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        if args.command == "merge":
+            return asyncio.run(_merge_command(args))
+        if args.command == "batch":
+            return asyncio.run(_batch_command(args))
+        if args.command == "serve":
+            from novita_async.emulator._cli import serve_command
+
+            return serve_command(args)
+        if args.command == "demo":
+            from novita_async._demo import demo_command
+
+            return asyncio.run(demo_command(args))
+    except UsageError as exc:
+        sys.stderr.write(f"novita-async: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("novita-async: interrupted\n")
+        return EXIT_INTERRUPTED
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE  # pragma: no cover - parser.error exits
+
+
+def entry() -> None:
+    """Console-script wrapper: exit with ``main()``'s code."""
+    sys.exit(main())

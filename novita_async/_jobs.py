@@ -1,0 +1,149 @@
+"""Batch jobs and their results: MergeJob in, JobResult out."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from novita_async._config import RESPONSE_IMAGE_TYPES
+
+if TYPE_CHECKING:
+    from novita_async._result import MergeFaceResult
+    from novita_async._sources import ImageInput
+
+__all__ = ["JobResult", "JobStatus", "MergeJob", "job_identity", "output_extension"]
+
+#: File extension for each response type.
+_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+def output_extension(image_type: str) -> str:
+    """The file extension for a response image type (``jpeg`` -> ``jpg``)."""
+    return _EXTENSIONS[image_type]
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """One merge in a batch.
+
+    Args:
+        face_image: The face to put in (path, bytes, file object or PIL image).
+        image: The picture that receives it.
+        output: Where to write the result; relative paths go under the batch's
+            ``output_dir``. None: ``<output_dir>/<id>.<ext>``, or in memory
+            when the batch has no ``output_dir``.
+        id: A stable id for the ledger and resume; derived from the inputs
+            when None (see :func:`job_identity`).
+        response_image_type: Overrides the batch's type for this job.
+
+    Example:
+        >>> MergeJob("faces/a.jpg", "photos/b.jpg", id="a-b").id
+        'a-b'
+    """
+
+    face_image: ImageInput
+    image: ImageInput
+    output: str | os.PathLike[str] | None = None
+    id: str | None = None
+    response_image_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.response_image_type is not None and self.response_image_type not in RESPONSE_IMAGE_TYPES:
+            raise ValueError(
+                f"response_image_type {self.response_image_type!r} is not one of "
+                f"{', '.join(RESPONSE_IMAGE_TYPES)}"
+            )
+
+    def with_id(self, job_id: str) -> MergeJob:
+        """A copy with ``id`` set."""
+        return replace(self, id=job_id)
+
+
+def _describe_for_id(value: object) -> str | None:
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value) if isinstance(os.fspath(value), str) else None
+    return None
+
+
+def job_identity(job: MergeJob, index: int) -> str:
+    """A deterministic id for a job: its own, else a hash of its paths, else its position.
+
+    Path-based ids survive rows being inserted or reordered in a manifest;
+    jobs with in-memory inputs fall back to ``job-<index>`` (stable as long
+    as the job stream is).
+    """
+    if job.id:
+        return job.id
+    face, image = _describe_for_id(job.face_image), _describe_for_id(job.image)
+    if face is None or image is None:
+        return f"job-{index}"
+    output = os.fspath(job.output) if job.output is not None else ""
+    key = "\0".join((face, image, str(output), job.response_image_type or ""))
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+class JobStatus:
+    """The end states of a job in a batch (plain strings, as in the ledger)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    NOT_ATTEMPTED = "not_attempted"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """How one job of a batch ended.
+
+    Attributes:
+        job: The job, with its ``id`` filled in.
+        status: ``"ok"``, ``"failed"``, ``"skipped"`` (done in an earlier run,
+            found in the ledger) or ``"not_attempted"`` (the batch stopped first).
+        result: The merge result when ``status == "ok"``.
+        error: The error when the job failed or was not attempted.
+        output: Where the result is (or would have been) written.
+        attempts: Attempts made (0 when none).
+        elapsed: Seconds spent on this job.
+    """
+
+    job: MergeJob
+    status: str
+    result: MergeFaceResult | None = None
+    error: BaseException | None = None
+    output: Path | None = None
+    attempts: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True for a job that is done (now, or in an earlier run)."""
+        return self.status in (JobStatus.OK, JobStatus.SKIPPED)
+
+    @property
+    def error_reason(self) -> str | None:
+        """The API's reason for a failure, else the error's class name."""
+        if self.error is None:
+            return None
+        reason = getattr(self.error, "reason", None)
+        if isinstance(reason, str) and reason:
+            return reason
+        rule = getattr(self.error, "rule", None)
+        if isinstance(rule, str) and rule:
+            return f"{type(self.error).__name__}:{rule}"
+        return type(self.error).__name__
+
+
+def is_fatal(error: BaseException) -> bool:
+    """Errors after which every later job would fail too: stop the batch."""
+    from novita_async._errors import (
+        AuthenticationError,
+        InsufficientBalanceError,
+        PermissionDeniedError,
+    )
+
+    return isinstance(error, (AuthenticationError, PermissionDeniedError, InsufficientBalanceError))
+
+

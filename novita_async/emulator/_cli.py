@@ -1,0 +1,96 @@
+"""``novita-async serve``: the emulator as a command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+
+from novita_async.emulator._config import DEFAULT_API_KEY, FAULT_KINDS, EmulatorConfig, Faults
+from novita_async.emulator._server import Emulator
+
+__all__ = ["add_serve_options", "config_from_args", "serve_command"]
+
+
+def _fault(text: str) -> tuple[str, float]:
+    kind, sep, rate = text.partition("=")
+    if not sep or kind not in FAULT_KINDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use KIND=RATE with KIND one of {', '.join(FAULT_KINDS)}")
+    try:
+        return kind, float(rate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: RATE must be a number between 0 and 1") from None
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``serve`` (also used by benchmarks that start the emulator)."""
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, loopback only)")
+    parser.add_argument("--port", type=int, default=8787, help="TCP port; 0 picks a free one (default: 8787)")
+    parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
+                        help=f"a key to accept (repeatable; default: {DEFAULT_API_KEY})")
+    parser.add_argument("--latency", type=float, default=0.0, metavar="S", help="seconds added to each merge")
+    parser.add_argument("--jitter", type=float, default=0.0, metavar="S", help="up to this many seconds more, at random")
+    parser.add_argument("--fault", type=_fault, action="append", default=[], metavar="KIND=RATE",
+                        help=f"inject a fault on this share of attempts; kinds: {', '.join(FAULT_KINDS)}")
+    parser.add_argument("--fail-first", type=int, default=0, metavar="N", help="fail the first N attempts of each job")
+    parser.add_argument("--seed", type=int, help="seed for the fault dice")
+    parser.add_argument("--slow-seconds", type=float, default=30.0, metavar="S",
+                        help="how long a 'slow' fault takes (default: 30)")
+    parser.add_argument("--rpm", type=float, metavar="R", help="per-key rate limit in requests per minute")
+    parser.add_argument("--burst", type=int, default=3, metavar="N", help="requests allowed at once under --rpm")
+    parser.add_argument("--retry-after", action="store_true", help="send Retry-After with rate-limit 429s")
+    parser.add_argument("--engine", choices=("auto", "face", "composite"), default="auto",
+                        help="merge step: the real face merge ([local] extra) or a simple composite")
+    parser.add_argument("--workers", type=int, default=2, metavar="N", help="merges run at once (default: 2)")
+    parser.add_argument("--balance", type=int, metavar="N",
+                        help="successful merges before BILLING_BALANCE_NOT_ENOUGH")
+
+
+def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    """Build the emulator's config from parsed ``serve`` options."""
+    faults = Faults(rates=dict(args.fault), fail_first=args.fail_first, seed=args.seed,
+                    slow_seconds=args.slow_seconds)
+    return EmulatorConfig(
+        api_keys=tuple(args.api_keys or (DEFAULT_API_KEY,)), latency=args.latency, jitter=args.jitter,
+        faults=faults, rate_limit_rpm=args.rpm, rate_limit_burst=args.burst,
+        rate_limit_retry_after=args.retry_after, merge_workers=args.workers, engine=args.engine,
+        balance=args.balance,
+    )
+
+
+async def _serve(config: EmulatorConfig, host: str, port: int) -> None:
+    emulator = Emulator(config, host=host, port=port)
+    await emulator.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    engine = emulator.engine
+    note = "" if engine.startswith("face") else (
+        "  (a simple composite, not a face merge: install the [local] extra for the real one)")
+    # The URL line comes first and alone so scripts can read it.
+    sys.stdout.write(f"{emulator.url}\n")
+    sys.stdout.flush()
+    sys.stderr.write(f"novita-async emulator on {emulator.url}  key: {emulator.api_key}\n"
+                     f"merge engine: {engine}{note}\nCtrl-C to stop\n")
+    try:
+        await stop.wait()
+    finally:
+        await emulator.stop()
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Run the emulator until Ctrl-C; returns the exit code."""
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        sys.stderr.write(f"warning: binding {args.host}: the emulator is reachable beyond this machine\n")
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        sys.stderr.write(f"novita-async serve: error: {exc}\n")
+        return 2
+    asyncio.run(_serve(config, args.host, args.port))
+    return 0

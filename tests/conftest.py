@@ -1,0 +1,77 @@
+"""Shared fixtures: a real emulator on a loopback port, clients, test images."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from PIL import Image, ImageDraw
+
+import novita_async as na
+from novita_async.emulator import Emulator, EmulatorConfig
+
+#: Retries that never sleep for real: tests assert on behaviour, not on waits.
+FAST_RETRY = na.RetryPolicy(max_attempts=5, initial_wait=0.0, max_wait=0.0, max_retry_after=0.05)
+
+
+@pytest.fixture(autouse=True)
+def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strip the user's NOVITA_* variables so no test can pick up a real key or endpoint."""
+    monkeypatch.delenv("NOVITA_API_KEY", raising=False)
+    monkeypatch.delenv("NOVITA_BASE_URL", raising=False)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Run async tests on asyncio (aiohttp needs it)."""
+    return "asyncio"
+
+
+def make_image(
+    size: tuple[int, int] = (128, 128),
+    color: tuple[int, int, int] = (200, 120, 80),
+    fmt: str = "PNG",
+    seed: int = 0,
+) -> bytes:
+    """A small non-flat image (the emulator's composite treats flat images as faceless)."""
+    image = Image.new("RGB", size, color)
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    draw.ellipse((w // 4, h // 5, 3 * w // 4, 4 * h // 5), fill=(color[2], color[0], color[1] + seed % 50))
+    draw.line((0, 0, w, h), fill=(seed % 255, 30, 30), width=3)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def flat_image(size: tuple[int, int] = (64, 64), fmt: str = "PNG") -> bytes:
+    """A single-colour image: the composite emulator answers IMAGE_NO_FACE_DETECTED."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (90, 90, 90)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def emulator_factory() -> Iterator[Callable[..., Emulator]]:
+    """Make emulators with a given config; each test starts its own with `async with`."""
+
+    def factory(**kwargs: object) -> Emulator:
+        kwargs.setdefault("engine", "composite")
+        return Emulator(EmulatorConfig(**kwargs))  # type: ignore[arg-type]  # kwargs are EmulatorConfig's
+
+    yield factory
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    """A plain emulator (composite merge, no faults) on 127.0.0.1:<free port>."""
+    async with Emulator(EmulatorConfig(engine="composite")) as emu:
+        yield emu
+
+
+@pytest.fixture
+async def client(emulator: Emulator) -> AsyncIterator[na.NovitaClient]:
+    """A client pointed at the emulator, with retries that do not sleep."""
+    async with na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY) as c:
+        yield c
