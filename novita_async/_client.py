@@ -16,7 +16,6 @@ import aiohttp
 import anyio
 import anyio.to_thread
 
-from novita_async._version import __version__
 from novita_async._config import (
     API_KEY_ENV,
     MERGE_FACE_PATH,
@@ -28,18 +27,19 @@ from novita_async._config import (
 )
 from novita_async._encode import RequestBody, build_extra
 from novita_async._errors import (
+    APITimeoutError,
     ClientClosedError,
     ConfigurationError,
-    APITimeoutError,
     InvalidImageError,
     RateLimitError,
 )
 from novita_async._output import FileSink, MemorySink, Sink
-from novita_async._pacing import Pacer
+from novita_async._pacing import Pacer, PacerProtocol
 from novita_async._result import MergeFaceResult
 from novita_async._retry import retry_call
 from novita_async._sources import ImageSource, buffer_source, source_from_input
 from novita_async._transport import send_merge_request
+from novita_async._version import __version__
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, Callable, Iterable
@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 
     from novita_async._batch import BatchRun
     from novita_async._jobs import MergeJob
-    from novita_async._summary import BatchSummary
+    from novita_async._manifest import BadRow
     from novita_async._sources import ImageInput
+    from novita_async._summary import BatchSummary
 
 __all__ = ["NovitaClient"]
 
@@ -111,6 +112,10 @@ class NovitaClient:
             resolution, truncation). Turn off only for inputs already checked.
         session: An ``aiohttp.ClientSession`` to use instead of creating one
             (the client then does not close it).
+        pacer: A pace shared with other clients (any :class:`PacerProtocol`,
+            e.g. one :class:`Pacer` for several clients, or the Ray actor-backed
+            pacer of ``novita_async.ray``) instead of the client's own; give
+            it or ``requests_per_minute``, not both.
 
     Raises:
         ConfigurationError: no API key, or a malformed base URL.
@@ -132,6 +137,7 @@ class NovitaClient:
         auto_resize: bool = False,
         validate: bool = True,
         session: aiohttp.ClientSession | None = None,
+        pacer: PacerProtocol | None = None,
     ) -> None:
         key = api_key if api_key is not None else env_api_key()
         if not key or not key.strip():
@@ -139,8 +145,9 @@ class NovitaClient:
                 f"no API key: pass api_key=... or set the {API_KEY_ENV} environment variable "
                 "(keys start with 'sk_')"
             )
-        if not isinstance(max_concurrency, int) or max_concurrency < 1:
-            raise ConfigurationError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
+        concurrency: object = max_concurrency  # checked at run time, whatever the annotation says
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(f"max_concurrency must be an int >= 1, got {concurrency!r}")
         self._api_key = key.strip()
         self.base_url = _check_base_url(base_url or env_base_url())
         self.timeout = Timeout.of(timeout)
@@ -148,7 +155,11 @@ class NovitaClient:
         self.max_concurrency = max_concurrency
         self.auto_resize = auto_resize
         self.validate = validate
-        self.pacer = Pacer(requests_per_minute)
+        if pacer is not None and requests_per_minute is not None:
+            raise ConfigurationError(
+                "give requests_per_minute or pacer, not both: a shared pacer sets its own pace"
+            )
+        self.pacer: PacerProtocol = pacer if pacer is not None else Pacer(requests_per_minute)
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self._session = session
         self._owns_session = session is None
@@ -348,7 +359,12 @@ class NovitaClient:
                     self.timeout,
                 )
             except RateLimitError as exc:
-                self.pacer.on_rate_limited(exc.retry_after)
+                # The shared cool-down obeys the same cap as the retry wait: a
+                # server asking for an hour must not stall every job for an hour.
+                retry_after = exc.retry_after
+                if retry_after is not None:
+                    retry_after = min(retry_after, self.retry.max_retry_after)
+                self.pacer.on_rate_limited(retry_after)
                 raise
             self.pacer.on_success()
             return image_type or requested
@@ -357,7 +373,7 @@ class NovitaClient:
 
     def batch(
         self,
-        jobs: Iterable[MergeJob] | AsyncIterable[MergeJob],
+        jobs: Iterable[MergeJob | BadRow] | AsyncIterable[MergeJob | BadRow],
         *,
         output_dir: str | os.PathLike[str] | None = None,
         ledger: str | os.PathLike[str] | None = None,

@@ -68,7 +68,9 @@ class Timeout:
         for name in ("total", "connect", "read", "pool"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"Timeout.{name} must be a positive number of seconds, got {value!r}")
+                raise ValueError(
+                    f"Timeout.{name} must be a positive number of seconds, got {value!r}"
+                )
 
     @classmethod
     def of(cls, value: Timeout | float | None) -> Timeout:
@@ -110,8 +112,9 @@ class RetryPolicy:
     max_retry_after: float = 120.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise ValueError(f"RetryPolicy.max_attempts must be an int >= 1, got {self.max_attempts!r}")
+        attempts: object = self.max_attempts  # checked at run time, whatever the annotation says
+        if not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"RetryPolicy.max_attempts must be an int >= 1, got {attempts!r}")
         for name in ("initial_wait", "max_wait", "total_timeout", "max_retry_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RetryPolicy.{name} must be >= 0 seconds")
@@ -120,7 +123,10 @@ class RetryPolicy:
 
     def backoff(self, retry_number: int, rand: float) -> float:
         """Seconds to wait before retry ``retry_number`` (1-based); ``rand`` in [0, 1)."""
-        base = min(self.max_wait, self.initial_wait * (2 ** (retry_number - 1)))
+        # The exponent is capped: 2.0 ** 1024 overflows, and far fewer doublings
+        # already reach any sensible max_wait.
+        exponent = min(max(retry_number - 1, 0), 64)
+        base = min(self.max_wait, self.initial_wait * 2.0**exponent)
         return base * (1.0 - self.jitter) + base * self.jitter * rand
 
 

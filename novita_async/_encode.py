@@ -16,6 +16,7 @@ from typing import Any
 
 from novita_async._b64 import b64encode
 from novita_async._config import READ_CHUNK
+from novita_async._errors import InvalidImageError, NovitaError
 from novita_async._sources import ImageSource
 
 __all__ = ["RequestBody", "b64_length", "body_parts", "build_extra"]
@@ -102,5 +103,17 @@ class RequestBody:
             raise
 
     async def _encode(self, source: ImageSource) -> AsyncIterator[bytes]:
-        async for chunk in source.chunks(self.chunk_size):
-            yield b64encode(chunk)
+        try:
+            async for chunk in source.chunks(self.chunk_size):
+                yield b64encode(chunk)
+        except NovitaError:
+            raise
+        except Exception as exc:
+            # A file deleted since it was measured, a caller's file object closed
+            # or failing: an input problem, reported as one (and never retried).
+            raise InvalidImageError(
+                f"{source.input_name} ({source.description}) could not be read during the "
+                f"upload: {type(exc).__name__}: {exc} [rule unreadable]. The request was "
+                "aborted and not retried.",
+                input_name=source.input_name, source=source.description, rule="unreadable",
+            ) from exc

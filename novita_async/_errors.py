@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 __all__ = [
     "APIConnectionError",
@@ -63,10 +63,16 @@ _REQUEST_ID_HEADERS = ("x-request-id", "x-novita-request-id", "request-id", "x-t
 
 
 class NovitaError(Exception):
-    """Base class of every error novita_async raises."""
+    """Base class of every error novita_async raises.
 
-    #: Whether retrying the same request may succeed.
+    Attributes:
+        retryable: Whether retrying the same request may succeed.
+        attempts: Attempts made before the error surfaced (set by the retry
+            layer; 0 when it was raised before any attempt).
+    """
+
     retryable: bool = False
+    attempts: int = 0
 
 
 class ConfigurationError(NovitaError, ValueError):
@@ -282,6 +288,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return max(0.0, float(value))
     except ValueError:
         pass
+    import datetime
     import email.utils
     import time
 
@@ -289,8 +296,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    if when is None:
-        return None
+    if when.tzinfo is None:
+        # "-0000" gives a naive datetime; HTTP dates are always UTC.
+        when = when.replace(tzinfo=datetime.timezone.utc)
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
 

@@ -144,6 +144,10 @@ class FileSink(Sink):
 
     async def discard(self) -> None:
         self._pending.clear()
+        if self._fd is None and self._tmp is None:
+            # Nothing was written (an error status): no thread hop, so a batch
+            # sees a fatal error before another request can start.
+            return
         # Shielded: a cancelled attempt must still remove its temporary file.
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._discard_sync)

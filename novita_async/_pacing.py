@@ -13,6 +13,9 @@ Two modes:
 
 In both modes a 429 anywhere starts a shared cool-down that every later start
 waits out (the server's Retry-After when it sent one).
+
+:class:`PacerProtocol` is what a client needs from a pacer, so a pace can be
+shared beyond one process (``novita_async.ray`` keeps one in a Ray actor).
 """
 
 from __future__ import annotations
@@ -21,23 +24,66 @@ import collections
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import anyio
 
-__all__ = ["Pacer"]
+__all__ = ["Pacer", "PacerProtocol"]
 
 logger = logging.getLogger("novita_async")
 
-#: Rate cut on a 429 (multiplicative decrease).
-_DECREASE = 0.85
-#: Rate growth per success (multiplicative increase, deliberately slow).
-_INCREASE = 0.01
-#: Window over which the observed start rate is measured, seconds.
+#: Rate cut on a 429 (multiplicative decrease).  The pace saws between this
+#: share of the server's limit and just over it: 0.9 averages ~95%.
+_DECREASE = 0.9
+#: Rate growth per success (multiplicative increase, deliberately slow): ~20
+#: successes per cut-and-regrow cycle, so about one request in 20 meets a 429.
+_INCREASE = 0.005
+#: Window over which the observed start and success rates are measured, seconds.
 _OBSERVE_WINDOW = 5.0
+#: Successes (and seconds they span) needed before their rate is trusted.
+_MIN_SUCCESSES, _MIN_SPAN = 5, 0.5
+#: After a cut, 429s within this many seconds (at most one interval of the new
+#: pace) belong to the same overshoot: they neither cut again nor lengthen the
+#: cool-down.
+_HOLD = 1.0
 #: Floor on the adaptive rate, requests per second (1 per minute).
 _MIN_RATE = 1.0 / 60.0
 #: Cap on the shared cool-down when the server sent no Retry-After, seconds.
 _MAX_COOLDOWN = 30.0
+
+
+@runtime_checkable
+class PacerProtocol(Protocol):
+    """What :class:`~novita_async.NovitaClient` asks of a pacer (``pacer=``).
+
+    Implement it to share one pace between clients in several processes or
+    machines; :class:`Pacer` is the in-process implementation.  The client
+    calls :meth:`wait_turn` before every attempt (retries included), then
+    exactly one of :meth:`on_success` or :meth:`on_rate_limited` when the
+    attempt got an answer.
+    """
+
+    @property
+    def fixed(self) -> bool:
+        """Whether the pace is fixed (True) or adapts to 429s (False)."""
+        ...
+
+    @property
+    def rate(self) -> float | None:
+        """The current pace in requests per second, as far as known (None: unthrottled)."""
+        ...
+
+    async def wait_turn(self) -> None:
+        """Return when the caller may start a request."""
+        ...
+
+    def on_success(self) -> None:
+        """An attempt succeeded (must not block)."""
+        ...
+
+    def on_rate_limited(self, retry_after: float | None) -> None:
+        """An attempt got a 429; ``retry_after`` is the server's hint in seconds (must not block)."""
+        ...
 
 
 class Pacer:
@@ -68,6 +114,11 @@ class Pacer:
         self._cooldown_until = 0.0
         self._streak = 0  # consecutive 429s, for the cool-down's backoff
         self._starts: collections.deque[float] = collections.deque(maxlen=4096)
+        self._successes: collections.deque[float] = collections.deque(maxlen=256)
+        self._last_cut: float | None = None
+        # Bumped when a 429 changes the pace or the cool-down: a task that
+        # booked its slot before then books again instead of going at the old pace.
+        self._epoch = 0
         self._lock = anyio.Lock()
         self.rate_limited = 0
 
@@ -80,8 +131,16 @@ class Pacer:
         recent = [t for t in self._starts if now - t <= _OBSERVE_WINDOW]
         if len(recent) < 2:
             return None
+        # n starts span n - 1 intervals; counting n over-estimates the rate
+        # (by 25% for 5 starts), and the cut would then land above it.
         span = max(now - recent[0], 1e-3)
-        return len(recent) / span
+        return (len(recent) - 1) / span
+
+    def _success_rate(self, now: float) -> float | None:
+        recent = [t for t in self._successes if now - t <= _OBSERVE_WINDOW]
+        if len(recent) < _MIN_SUCCESSES or recent[-1] - recent[0] < _MIN_SPAN:
+            return None
+        return (len(recent) - 1) / (recent[-1] - recent[0])
 
     def reserve(self, now: float) -> float:
         """Book the next start slot; return how long the caller must wait (pure)."""
@@ -94,35 +153,63 @@ class Pacer:
 
     async def wait_turn(self) -> None:
         """Wait until this task may start a request."""
-        async with self._lock:
-            # Slots are booked under the lock but slept outside it, so waiters
-            # queue in order without serialising their sleeps.
-            delay = self.reserve(self._clock())
-        if delay > 0:
-            await anyio.sleep(delay)
+        while True:
+            async with self._lock:
+                # Slots are booked under the lock but slept outside it, so waiters
+                # queue in order without serialising their sleeps.
+                epoch = self._epoch
+                delay = self.reserve(self._clock())
+            if delay > 0:
+                await anyio.sleep(delay)
+            if self._epoch == epoch:
+                return
+            # A 429 arrived while this task slept: its slot was booked at the
+            # old pace and before the cool-down; book again.
 
     def on_success(self) -> None:
         """A request succeeded: relax the adaptive pace a little."""
         self._streak = 0
+        self._successes.append(self._clock())
         if not self.fixed and self._rate is not None:
             self._rate *= 1.0 + _INCREASE
+
+    def _cut_base(self, now: float) -> float:
+        """The rate a 429 cuts from: the pace, unless the server let far fewer through."""
+        succeeded = self._success_rate(now)
+        if self._rate is None:
+            # Unthrottled until now: what got through is the best guess at the
+            # limit; without enough of it, what was sent.
+            base = succeeded if succeeded is not None else self._observed_rate(now)
+            return base if base is not None else 1.0
+        if succeeded is not None and succeeded < self._rate / 2:
+            # The pace had drifted far above what the server allows (it grows
+            # on every success even when few requests are sent): start from
+            # what really got through.
+            return succeeded
+        return self._rate
 
     def on_rate_limited(self, retry_after: float | None) -> None:
         """A 429 arrived: slow everyone down."""
         now = self._clock()
         self.rate_limited += 1
+        hold = min(_HOLD, 1.0 / self._rate) if self._rate else 0.0
+        if self._last_cut is not None and now - self._last_cut < hold:
+            # Another answer from the same overshoot: the cut and the pause
+            # already made account for it.
+            return
+        self._last_cut = now
         self._streak += 1
         if not self.fixed:
-            observed = self._observed_rate(now)
-            base = min(x for x in (self._rate, observed) if x is not None) if (
-                self._rate is not None or observed is not None) else 1.0
-            self._rate = max(_MIN_RATE, base * _DECREASE)
+            self._rate = max(_MIN_RATE, self._cut_base(now) * _DECREASE)
         if retry_after is not None:
             pause = retry_after
         else:
             interval = 1.0 / self._rate if self._rate else 0.5
             pause = min(_MAX_COOLDOWN, interval * (2 ** (self._streak - 1)))
         self._cooldown_until = max(self._cooldown_until, now + pause)
+        # Restart the schedule from the cool-down, at the new pace.
+        self._next_start = now
+        self._epoch += 1
         logger.info(
             "rate limited (429): pausing new requests %.2f s; pace now %s/min",
             pause, f"{self._rate * 60:.1f}" if self._rate else "unlimited",

@@ -13,7 +13,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Union
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, Union
 
 import anyio.to_thread
 
@@ -49,7 +49,7 @@ class ImageSource:
         """
         raise NotImplementedError
 
-    def open_sync(self) -> IO[bytes]:
+    def open_sync(self) -> BinaryIO:
         """A seekable binary stream at the image's start, for header checks (blocking)."""
         raise NotImplementedError
 
@@ -80,7 +80,7 @@ class _BufferSource(ImageSource):
         for start in range(0, self.size, chunk_size):
             yield self.view[start : start + chunk_size]
 
-    def open_sync(self) -> IO[bytes]:
+    def open_sync(self) -> BinaryIO:
         return io.BytesIO(self.view)
 
 
@@ -101,7 +101,7 @@ class _PathSource(ImageSource):
         finally:
             await anyio.to_thread.run_sync(handle.close)
 
-    def open_sync(self) -> IO[bytes]:
+    def open_sync(self) -> BinaryIO:
         return self.path.open("rb")
 
 
@@ -120,9 +120,10 @@ class _FileObjectSource(ImageSource):
         async for chunk in _read_exactly(self, self.handle, chunk_size):
             yield chunk
 
-    def open_sync(self) -> IO[bytes]:
+    def open_sync(self) -> BinaryIO:
         self.handle.seek(self.start)
-        return _NonClosing(self.handle, self.start)
+        # Buffered: Pillow's header parsing makes many small reads.
+        return io.BufferedReader(_NonClosing(self.handle, self.start))
 
 
 class _NonClosing(io.RawIOBase):
@@ -165,6 +166,10 @@ async def _read_exactly(source: ImageSource, handle: IO[bytes], chunk_size: int)
         data = await anyio.to_thread.run_sync(handle.read, want)
         if not data:
             raise source._changed(source.size - remaining)
+        if len(data) > want:
+            # A file object that ignores the size asked for would make the body
+            # longer than its Content-Length; treat it like a file that grew.
+            raise source._changed(source.size - remaining + len(data))
         remaining -= len(data)
         # Short reads (pipes, custom streams) are topped up so every chunk but
         # the last stays a whole multiple of the requested size.
@@ -226,7 +231,8 @@ def _stat_path(path: Path, input_name: str, description: str) -> int:
     try:
         stat = path.stat()
     except FileNotFoundError:
-        raise fail("not_found", "no such file", "Check the path (relative paths resolve against the current folder).") from None
+        raise fail("not_found", "no such file",
+                   "Check the path (relative paths resolve against the current folder).") from None
     except PermissionError:
         raise fail("unreadable", "permission denied", "Make the file readable by this user.") from None
     except OSError as exc:
@@ -248,6 +254,12 @@ def _source_sync(value: object, input_name: str) -> ImageSource:
     if _is_pil_image(value):
         data = _encode_pil(value)  # type: ignore[arg-type]  # checked by _is_pil_image
         return _BufferSource(input_name, f"PIL image ({len(data)} bytes encoded)", memoryview(data))
+    if isinstance(value, io.TextIOBase):
+        raise InvalidImageError(
+            f"{input_name} ({description}): file object is open in text mode [rule type]. "
+            "Open the file in binary mode ('rb').",
+            input_name=input_name, source=description, rule="type",
+        )
     if hasattr(value, "read"):
         handle: IO[bytes] = value  # type: ignore[assignment]  # duck-typed file object
         seekable = getattr(handle, "seekable", lambda: False)()

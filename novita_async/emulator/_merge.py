@@ -28,7 +28,7 @@ MergeFn = Callable[[Image.Image, Image.Image], Image.Image]
 
 def _is_flat(image: Image.Image) -> bool:
     extrema = image.convert("RGB").getextrema()
-    return all(low == high for low, high in extrema)  # type: ignore[misc,union-attr]  # RGB extrema are int pairs
+    return all(low == high for low, high in extrema)  # type: ignore[misc]  # RGB extrema are int pairs
 
 
 def composite_merge(face: Image.Image, target: Image.Image) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from types import TracebackType
 
@@ -72,6 +73,16 @@ class Emulator:
         if self._site is not None:
             await self._site.stop()
             self._site = None
+        # Closing the listening socket leaves kept-alive connections open, and a
+        # client would go on being served over them: drop them too, busy ones
+        # included, as a crashed server would.  (Server.pre_shutdown is no use:
+        # it leaves idle connections open with no task reading them.)
+        server = self._runner.server if self._runner is not None else None
+        if server is not None:
+            for connection in server.connections:
+                connection.force_close()
+            # Let the transports and cancelled handlers finish closing.
+            await asyncio.sleep(0)
 
     async def resume(self) -> None:
         """Listen again on the same port."""
@@ -79,9 +90,10 @@ class Emulator:
         self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await self._site.start()
         if self.port == 0:
-            server = self._site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # asyncio Server has sockets
+            # An asyncio Server (the AbstractServer aiohttp's annotation names has no sockets).
+            sockets = getattr(self._site._server, "sockets", None)
+            assert sockets, "the site is not listening"
+            self.port = sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         """Stop serving and release everything."""

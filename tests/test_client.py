@@ -1,0 +1,767 @@
+"""NovitaClient end to end against the real emulator on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import os
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+from PIL import Image
+
+import novita_async as na
+from novita_async._errors import error_from_response
+from novita_async._pacing import Pacer
+from novita_async._sources import _encode_pil
+from novita_async.emulator import Emulator, Faults, job_key
+
+from .conftest import FAST_RETRY, flat_image, make_image
+
+pytestmark = pytest.mark.anyio
+
+FACE = make_image(seed=1)
+TARGET = make_image(size=(96, 80), seed=2)
+PIL_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
+#: A fixed pace so fast that a 429's cool-down (a multiple of its interval) is negligible.
+FAST_PACE = 600_000.0
+
+
+def client_for(emu: Emulator, **kwargs: Any) -> na.NovitaClient:
+    """A client for the emulator, with retries that do not sleep unless told otherwise."""
+    kwargs.setdefault("api_key", emu.api_key)
+    kwargs.setdefault("retry", FAST_RETRY)
+    return na.NovitaClient(base_url=emu.url, **kwargs)
+
+
+def assert_no_chunking(emu: Emulator) -> None:
+    """Every request the emulator saw had an exact Content-Length."""
+    assert emu.stats.chunked_requests == 0
+    assert emu.stats.missing_content_length == 0
+
+
+async def wait_idle(emu: Emulator) -> None:
+    """Wait (briefly) until the emulator has no request in flight."""
+    for _ in range(200):
+        if emu.stats.in_flight == 0:
+            return
+        await anyio.sleep(0.005)
+    raise AssertionError(f"{emu.stats.in_flight} requests still in flight")
+
+
+class ReadOnlyStream:
+    """A file-like object with read() and nothing else (no seek, tell or seekable)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._buffer = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._buffer.read(size)
+
+
+class GrowingFile(io.BytesIO):
+    """A seekable file that gains bytes at its end every time it is read."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        position = self.tell()
+        self.seek(0, io.SEEK_END)
+        self.write(b"\0" * 16)
+        self.seek(position)
+        return data
+
+
+# -- inputs --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def closing() -> Iterator[contextlib.ExitStack]:
+    """Closes whatever a test opened."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+def _pipe_reader(stack: contextlib.ExitStack) -> io.BufferedReader:
+    read_fd, write_fd = os.pipe()
+    with open(write_fd, "wb") as writer:
+        writer.write(FACE)  # far below a pipe's buffer: no reader needed yet
+    return stack.enter_context(open(read_fd, "rb"))
+
+
+def _offset_file(stack: contextlib.ExitStack, tmp_path: Path) -> Any:
+    path = tmp_path / "padded.bin"
+    path.write_bytes(b"some header bytes" + FACE)
+    handle = stack.enter_context(path.open("rb"))
+    handle.seek(len(b"some header bytes"))
+    return handle
+
+
+def _saved(tmp_path: Path) -> Path:
+    path = tmp_path / "face.png"
+    path.write_bytes(FACE)
+    return path
+
+
+INPUTS: dict[str, Callable[[contextlib.ExitStack, Path], Any]] = {
+    "str-path": lambda stack, tmp: str(_saved(tmp)),
+    "pathlib": lambda stack, tmp: _saved(tmp),
+    "bytes": lambda stack, tmp: FACE,
+    "bytearray": lambda stack, tmp: bytearray(FACE),
+    "memoryview": lambda stack, tmp: memoryview(FACE),
+    "open-file": lambda stack, tmp: stack.enter_context(_saved(tmp).open("rb")),
+    "file-at-offset": _offset_file,
+    "bytesio-at-offset": lambda stack, tmp: _at(io.BytesIO(b"xyz" + FACE), 3),
+    "pipe": lambda stack, tmp: _pipe_reader(stack),
+    "read-only-object": lambda stack, tmp: ReadOnlyStream(FACE),
+}
+
+
+def _at(handle: io.BytesIO, offset: int) -> io.BytesIO:
+    handle.seek(offset)
+    return handle
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, id=k) for k in INPUTS])
+async def test_each_input_kind(
+    emulator: Emulator, closing: contextlib.ExitStack, tmp_path: Path, kind: str
+) -> None:
+    """Every accepted input kind uploads exactly the image's bytes (validation on)."""
+    value = INPUTS[kind](closing, tmp_path)
+    async with client_for(emulator) as client:
+        assert client.validate
+        result = await client.merge_face(value, TARGET)
+    assert result.attempts == 1
+    assert result.data is not None
+    assert emulator.stats.successes == {job_key(FACE, TARGET): 1}
+    assert_no_chunking(emulator)
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, id=k) for k in ("open-file", "file-at-offset", "pipe")])
+async def test_input_is_sent_again_on_retry(
+    emulator_factory: Callable[..., Emulator], closing: contextlib.ExitStack, tmp_path: Path,
+    kind: str,
+) -> None:
+    """File objects (seekable or not) are sent whole again by a retry."""
+    value = INPUTS[kind](closing, tmp_path)
+    async with emulator_factory(faults=Faults(fail_first=2)) as emu, client_for(emu) as client:
+        result = await client.merge_face(TARGET, value)
+    assert result.attempts == 3
+    assert emu.stats.attempts == {job_key(TARGET, FACE): 3}
+    assert emu.stats.successes == {job_key(TARGET, FACE): 1}
+
+
+async def test_pil_image_input(emulator: Emulator) -> None:
+    """A PIL.Image.Image is encoded and uploaded."""
+    image = Image.open(io.BytesIO(FACE))
+    async with client_for(emulator) as client:
+        result = await client.merge_face(image, Image.open(io.BytesIO(TARGET)))
+    assert result.data is not None
+    face_sent = _encode_pil(Image.open(io.BytesIO(FACE)))
+    target_sent = _encode_pil(Image.open(io.BytesIO(TARGET)))
+    assert emulator.stats.successes == {job_key(face_sent, target_sent): 1}
+
+
+async def test_unsupported_input_type(emulator: Emulator) -> None:
+    """An unsupported input is refused locally, before any request."""
+    async with client_for(emulator) as client:
+        with pytest.raises(na.InvalidImageError, match="unsupported input type"):
+            await client.merge_face(12345, TARGET)  # type: ignore[arg-type]  # deliberately wrong
+    assert emulator.stats.requests == 0
+
+
+async def test_missing_file(emulator: Emulator, tmp_path: Path) -> None:
+    """A path that does not exist is refused locally, naming the input."""
+    async with client_for(emulator) as client:
+        with pytest.raises(na.InvalidImageError) as info:
+            await client.merge_face(FACE, tmp_path / "nope.png")
+    assert info.value.input_name == "image"
+    assert info.value.rule == "not_found"
+    assert emulator.stats.requests == 0
+
+
+# -- outputs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_type", ["png", "webp", "jpeg"])
+async def test_each_output_type_in_memory(emulator: Emulator, image_type: str) -> None:
+    """The result is an image in the requested format, kept in memory."""
+    async with client_for(emulator) as client:
+        result = await client.merge_face(FACE, TARGET, response_image_type=image_type)
+    assert result.image_type == image_type
+    assert result.path is None
+    assert result.data is not None
+    with Image.open(io.BytesIO(result.data)) as image:
+        assert image.format == PIL_FORMATS[image_type]
+        assert image.size == (96, 80)
+
+
+@pytest.mark.parametrize("image_type", ["png", "webp", "jpeg"])
+async def test_each_output_type_to_a_file(emulator: Emulator, tmp_path: Path, image_type: str) -> None:
+    """output= streams the result to that file (folders created), leaving nothing else behind."""
+    out = tmp_path / "deep" / "folder" / f"merged.{image_type}"
+    async with client_for(emulator) as client:
+        result = await client.merge_face(FACE, TARGET, response_image_type=image_type, output=out)
+    assert result.path == out
+    assert result.data is None
+    assert os.listdir(out.parent) == [out.name]
+    with Image.open(out) as image:
+        assert image.format == PIL_FORMATS[image_type]
+        assert image.size == (96, 80)
+    assert result.read_bytes() == out.read_bytes()
+
+
+async def test_output_file_after_retries(
+    emulator_factory: Callable[..., Emulator], tmp_path: Path
+) -> None:
+    """A body cut short is retried; the file holds the complete image and no partial remains."""
+    out = tmp_path / "merged.png"
+    faults = Faults(fail_first=2, fail_first_kind="truncate")
+    async with emulator_factory(faults=faults) as emu, client_for(emu) as client:
+        result = await client.merge_face(FACE, TARGET, output=out)
+    assert result.attempts == 3
+    assert os.listdir(tmp_path) == ["merged.png"]
+    with Image.open(out) as image:
+        image.load()
+        assert image.size == (96, 80)
+
+
+async def test_failed_job_leaves_no_file(emulator: Emulator, tmp_path: Path) -> None:
+    """An error answer creates neither the output nor a temporary file."""
+    async with client_for(emulator) as client:
+        with pytest.raises(na.NoFaceDetectedError):
+            await client.merge_face(flat_image(), TARGET, output=tmp_path / "out.png")
+    assert os.listdir(tmp_path) == []
+
+
+async def test_unwritable_output(emulator: Emulator, tmp_path: Path) -> None:
+    """An output that cannot be written is an OutputError, not retried, with no temp left."""
+    blocker = tmp_path / "taken"
+    blocker.mkdir()
+    async with client_for(emulator) as client:
+        with pytest.raises(na.OutputError) as info:
+            await client.merge_face(FACE, TARGET, output=blocker)  # a directory
+    assert info.value.attempts == 1
+    assert emulator.stats.requests == 1
+    assert os.listdir(tmp_path) == ["taken"]
+    assert os.listdir(blocker) == []
+
+
+async def test_save_and_to_pil(emulator: Emulator, tmp_path: Path) -> None:
+    """save() writes the same bytes; to_pil() gives a loaded image, for both kinds of result."""
+    async with client_for(emulator) as client:
+        in_memory = await client.merge_face(FACE, TARGET, response_image_type="webp")
+        on_disk = await client.merge_face(FACE, TARGET, output=tmp_path / "disk.png")
+    assert in_memory.data is not None
+    saved = in_memory.save(tmp_path / "copies" / "saved.webp")
+    assert saved.read_bytes() == in_memory.data
+    image = in_memory.to_pil()
+    assert (image.format, image.size) == ("WEBP", (96, 80))
+    copy = on_disk.save(str(tmp_path / "copy.png"))
+    assert copy.read_bytes() == (tmp_path / "disk.png").read_bytes()
+    assert on_disk.to_pil().size == (96, 80)
+    assert sorted(os.listdir(tmp_path)) == ["copies", "copy.png", "disk.png"]
+    assert "bytes" in repr(in_memory) and "disk.png" in repr(on_disk)
+
+
+async def test_requests_have_exact_content_length(emulator: Emulator, tmp_path: Path) -> None:
+    """Bodies are sent with Content-Length, never chunked, whatever the input kind."""
+    path = tmp_path / "face.png"
+    path.write_bytes(FACE)
+    async with client_for(emulator) as client:
+        await client.merge_face(path, TARGET)
+        with path.open("rb") as handle:
+            await client.merge_face(handle, bytearray(TARGET))
+        await client.merge_face(Image.open(io.BytesIO(FACE)), memoryview(TARGET))
+    assert emulator.stats.requests == 3
+    assert_no_chunking(emulator)
+
+
+async def test_enterprise_plan_is_sent(emulator: Emulator) -> None:
+    """enterprise_plan=True reaches the server; the default does not ask for it."""
+    async with client_for(emulator) as client:
+        await client.merge_face(FACE, TARGET)
+        assert emulator.stats.enterprise_requests == 0
+        await client.merge_face(FACE, TARGET, enterprise_plan=True)
+    assert emulator.stats.enterprise_requests == 1
+
+
+# -- errors end to end ------------------------------------------------------------------
+
+ERROR_CASES = [
+    # id, emulator settings, client settings, face, error class, reason, attempts
+    pytest.param({}, {"api_key": "sk_wrong"}, FACE, na.AuthenticationError, "INVALID_API_KEY", 1,
+                 id="wrong-key"),
+    pytest.param({}, {}, flat_image(), na.NoFaceDetectedError, "IMAGE_NO_FACE_DETECTED", 1,
+                 id="no-face"),
+    pytest.param({"balance": 0}, {}, FACE, na.InsufficientBalanceError,
+                 "BILLING_BALANCE_NOT_ENOUGH", 1, id="no-balance"),
+    pytest.param({"faults": Faults(fail_first=99, fail_first_kind="500")}, {}, FACE,
+                 na.ServerError, "CREATE_TASK_FAILED", 5, id="500-exhausted"),
+    pytest.param({"faults": Faults(fail_first=99, fail_first_kind="502_html")}, {}, FACE,
+                 na.ServerError, None, 5, id="502-html-exhausted"),
+    pytest.param({"faults": Faults(fail_first=99, fail_first_kind="503")}, {}, FACE,
+                 na.ServerError, "SERVICE_UNAVAILABLE", 5, id="503-exhausted"),
+    pytest.param({"faults": Faults(fail_first=99, fail_first_kind="huge_error")}, {}, FACE,
+                 na.ServerError, None, 5, id="huge-error-body"),
+    pytest.param({"faults": Faults(fail_first=99, fail_first_kind="429")},
+                 {"requests_per_minute": FAST_PACE}, FACE, na.RateLimitError,
+                 "RATE_LIMIT_EXCEEDED", 5, id="429-exhausted"),
+    pytest.param({"faults": Faults(fail_first=99, fail_first_kind="drop")}, {}, FACE,
+                 na.APIConnectionError, None, 5, id="drop-exhausted"),
+    pytest.param({"faults": Faults(fail_first=99, fail_first_kind="truncate")}, {}, FACE,
+                 na.InvalidResponseError, None, 5, id="truncate-exhausted"),
+    pytest.param({"faults": Faults(fail_first=99, fail_first_kind="bad_json")}, {}, FACE,
+                 na.InvalidResponseError, None, 1, id="bad-json-not-retried"),
+    pytest.param({"faults": Faults(fail_first=99, fail_first_kind="no_image_file")}, {}, FACE,
+                 na.InvalidResponseError, None, 1, id="no-image-file-not-retried"),
+    pytest.param({"faults": Faults(fail_first=99, fail_first_kind="bad_base64")}, {}, FACE,
+                 na.InvalidResponseError, None, 1, id="bad-base64-not-retried"),
+]
+
+
+@pytest.mark.parametrize(("emu_kwargs", "client_kwargs", "face", "cls", "reason", "attempts"),
+                         ERROR_CASES)
+async def test_error_classes_end_to_end(
+    emulator_factory: Callable[..., Emulator], emu_kwargs: dict[str, Any],
+    client_kwargs: dict[str, Any], face: bytes, cls: type[na.NovitaError], reason: str | None,
+    attempts: int,
+) -> None:
+    """Each failure reaches the caller as its own class, retried only when transient."""
+    async with emulator_factory(**emu_kwargs) as emu, client_for(emu, **client_kwargs) as client:
+        with pytest.raises(cls) as info:
+            await client.merge_face(face, TARGET)
+    error = info.value
+    assert type(error) is cls
+    assert error.attempts == attempts
+    assert emu.stats.requests == attempts
+    assert error.retryable is (attempts > 1)
+    if isinstance(error, na.APIStatusError):
+        assert error.reason == reason
+        assert len(error.body) <= 64 * 1024
+        assert len(str(error)) < 500
+    assert error.__cause__ is None or not isinstance(error, na.APIStatusError)
+
+
+async def test_502_html_message(emulator_factory: Callable[..., Emulator]) -> None:
+    """A proxy's HTML page maps by status: ServerError, reason None, a summary as message."""
+    faults = Faults(rates={"502_html": 1.0})
+    async with (
+        emulator_factory(faults=faults) as emu,
+        client_for(emu, retry=na.RetryPolicy(max_attempts=1)) as client,
+    ):
+        with pytest.raises(na.ServerError) as info:
+            await client.merge_face(FACE, TARGET)
+    assert info.value.status == 502
+    assert info.value.reason is None
+    assert "HTML" in info.value.message
+
+
+async def test_wrong_path_is_not_found(emulator: Emulator) -> None:
+    """A base URL with a wrong path gets aiohttp's 404, raised as NotFoundError."""
+    async with na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url + "/wrong",
+                               retry=FAST_RETRY) as client:
+        with pytest.raises(na.NotFoundError) as info:
+            await client.merge_face(FACE, TARGET)
+    assert info.value.status == 404
+    assert info.value.reason is None
+    assert info.value.attempts == 1
+    assert emulator.stats.requests == 0
+
+
+async def test_missing_key_header(emulator: Emulator) -> None:
+    """The client always sends a key, so ask directly: no key is 400 MISSING_API_KEY -> auth error."""
+    async with aiohttp.ClientSession() as session, session.post(
+        f"{emulator.url}/v3/merge-face", json={"face_image_file": "", "image_file": ""}
+    ) as response:
+        body = await response.read()
+        error = error_from_response(response.status, response.headers, body)
+    assert isinstance(error, na.AuthenticationError)
+    assert (error.status, error.reason) == (400, "MISSING_API_KEY")
+
+
+async def test_forbidden_is_never_retried(emulator: Emulator) -> None:
+    """A 403 is raised after one request, even with retries available."""
+    async with client_for(emulator, api_key="sk_not_this_one") as client:
+        with pytest.raises(na.AuthenticationError):
+            await client.merge_face(FACE, TARGET)
+    assert emulator.stats.requests == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "client_kwargs"),
+    [
+        pytest.param("503", {}, id="503"),
+        pytest.param("500", {}, id="500"),
+        pytest.param("502_html", {}, id="502-html"),
+        pytest.param("drop", {}, id="drop"),
+        pytest.param("truncate", {}, id="truncate"),
+        pytest.param("429", {"requests_per_minute": FAST_PACE}, id="429"),
+    ],
+)
+async def test_retry_then_success(
+    emulator_factory: Callable[..., Emulator], kind: str, client_kwargs: dict[str, Any]
+) -> None:
+    """Two transient failures, then success: three attempts, one result."""
+    faults = Faults(fail_first=2, fail_first_kind=kind)
+    async with emulator_factory(faults=faults) as emu, client_for(emu, **client_kwargs) as client:
+        result = await client.merge_face(FACE, TARGET)
+    assert result.attempts == 3
+    assert result.data is not None
+    assert emu.stats.requests == 3
+    assert emu.stats.faults == {kind: 2}
+
+
+async def test_retry_after_is_honoured(emulator_factory: Callable[..., Emulator]) -> None:
+    """A 429 with Retry-After: 1 makes the client wait about a second before retrying."""
+    policy = na.RetryPolicy(max_attempts=3, initial_wait=0.0, max_wait=0.0, max_retry_after=5.0)
+    faults = Faults(fail_first=1, fail_first_kind="429_retry_after")
+    async with emulator_factory(faults=faults) as emu, client_for(emu, retry=policy) as client:
+        started = time.monotonic()
+        result = await client.merge_face(FACE, TARGET)
+        elapsed = time.monotonic() - started
+    assert result.attempts == 2
+    assert 0.95 <= elapsed < 3.0
+    assert isinstance(client.pacer, Pacer)
+    assert client.pacer.rate_limited == 1
+
+
+async def test_retry_after_is_capped_by_the_policy(emulator_factory: Callable[..., Emulator]) -> None:
+    """max_retry_after caps the server's wait, for the retry and the shared cool-down alike."""
+    faults = Faults(fail_first=2, fail_first_kind="429_retry_after")
+    # A fixed pace: the adaptive one would (rightly) slow down after a 429 on its own.
+    async with (
+        emulator_factory(faults=faults) as emu,
+        client_for(emu, requests_per_minute=FAST_PACE) as client,
+    ):
+        started = time.monotonic()
+        result = await client.merge_face(FACE, TARGET)
+        elapsed = time.monotonic() - started
+    assert result.attempts == 3
+    assert isinstance(client.pacer, Pacer)
+    assert client.pacer.rate_limited == 2
+    assert elapsed < 0.9
+
+
+async def test_slow_answer_times_out(emulator_factory: Callable[..., Emulator]) -> None:
+    """An answer slower than Timeout.total is APITimeoutError after every attempt."""
+    faults = Faults(rates={"slow": 1.0}, slow_seconds=30)
+    policy = na.RetryPolicy(max_attempts=2, initial_wait=0.0, max_wait=0.0)
+    async with emulator_factory(faults=faults) as emu:
+        async with client_for(emu, timeout=na.Timeout(total=0.3), retry=policy) as client:
+            started = time.monotonic()
+            with pytest.raises(na.APITimeoutError) as info:
+                await client.merge_face(FACE, TARGET)
+            elapsed = time.monotonic() - started
+        assert info.value.attempts == 2
+        assert emu.stats.requests == 2
+        assert 0.55 <= elapsed < 2.0
+        await wait_idle(emu)  # the server dropped the abandoned handlers
+
+
+async def test_read_timeout_on_a_dripping_answer(emulator_factory: Callable[..., Emulator]) -> None:
+    """A body that trickles slower than Timeout.read times out even within the total."""
+    faults = Faults(rates={"drip": 1.0}, drip_interval=1.0)
+    async with emulator_factory(faults=faults) as emu:
+        async with client_for(emu, timeout=na.Timeout(total=20, read=0.2),
+                              retry=na.RetryPolicy(max_attempts=1)) as client:
+            started = time.monotonic()
+            with pytest.raises(na.APITimeoutError):
+                await client.merge_face(FACE, TARGET)
+            assert time.monotonic() - started < 1.5
+        await wait_idle(emu)
+
+
+async def test_cancellation_stops_at_once(
+    emulator_factory: Callable[..., Emulator], tmp_path: Path
+) -> None:
+    """Cancelling a call mid-request does not retry it and leaves no temporary file."""
+    async with emulator_factory(faults=Faults(rates={"slow": 1.0}, slow_seconds=30)) as emu:
+        async with client_for(emu) as client:
+            with anyio.move_on_after(0.2) as scope:
+                await client.merge_face(FACE, TARGET, output=tmp_path / "out.png")
+        assert scope.cancelled_caught
+        assert emu.stats.requests == 1
+        assert os.listdir(tmp_path) == []
+        await wait_idle(emu)
+
+
+async def test_server_gone_then_back(emulator: Emulator) -> None:
+    """A paused server is a connection error; once resumed the same client works again."""
+    async with client_for(emulator, retry=na.RetryPolicy(max_attempts=2, initial_wait=0.0,
+                                                         max_wait=0.0)) as client:
+        await client.merge_face(FACE, TARGET)
+        await emulator.pause()
+        with pytest.raises(na.APIConnectionError) as info:
+            await client.merge_face(FACE, TARGET)
+        assert info.value.attempts == 2
+        assert isinstance(info.value.__cause__, Exception)
+        await emulator.resume()
+        assert (await client.merge_face(FACE, TARGET)).attempts == 1
+
+
+async def test_local_error_mid_upload_is_not_retried(emulator: Emulator) -> None:
+    """An input that changes while it is sent raises SourceChangedError, once, unretried."""
+    async with client_for(emulator) as client:
+        with pytest.raises(na.SourceChangedError) as info:
+            await client.merge_face(GrowingFile(FACE), TARGET)
+    error = info.value
+    assert error.attempts == 1
+    assert error.input_name == "face_image"
+    assert emulator.stats.requests <= 1
+    assert emulator.stats.successes == {}
+    # The cause is the aborted connection; the error itself is ours, not aiohttp's.
+    assert "aiohttp" not in type(error).__module__
+    await wait_idle(emulator)
+
+
+# -- concurrency -------------------------------------------------------------------------
+
+
+async def test_concurrency_cap(emulator_factory: Callable[..., Emulator]) -> None:
+    """40 concurrent calls with max_concurrency=4 never have more than 4 requests in flight."""
+    async with emulator_factory(latency=0.05) as emu, client_for(emu, max_concurrency=4) as client:
+        results: list[na.MergeFaceResult] = []
+
+        async def one(seed: int) -> None:
+            results.append(await client.merge_face(make_image(seed=seed), TARGET))
+
+        async with anyio.create_task_group() as group:
+            for seed in range(40):
+                group.start_soon(one, seed)
+    assert len(results) == 40
+    assert emu.stats.peak_in_flight == 4
+    assert emu.stats.requests == 40
+    assert_no_chunking(emu)
+
+
+async def test_fixed_pace_spaces_requests(emulator: Emulator) -> None:
+    """requests_per_minute spaces request starts evenly."""
+    async with client_for(emulator, requests_per_minute=600) as client:
+        assert client.requests_per_minute == 600
+        async with anyio.create_task_group() as group:
+            for _ in range(4):
+                group.start_soon(client.merge_face, FACE, TARGET)
+    starts = emulator.stats.started_at
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(gaps) == 3
+    # Booked 0.1 s apart; arrival jitter on a busy machine may shift one a little.
+    assert starts[-1] - starts[0] >= 0.28, gaps
+    assert min(gaps) >= 0.05, gaps
+
+
+# -- lifecycle and configuration -----------------------------------------------------------
+
+
+async def test_use_after_close(emulator: Emulator) -> None:
+    """A closed client refuses work with ClientClosedError; closing twice is fine."""
+    client = client_for(emulator)
+    async with client:
+        await client.merge_face(FACE, TARGET)
+    assert client.closed
+    with pytest.raises(na.ClientClosedError):
+        await client.merge_face(FACE, TARGET)
+    with pytest.raises(na.ClientClosedError):
+        async with client:
+            pass
+    await client.aclose()
+    assert emulator.stats.requests == 1
+
+
+async def test_works_without_async_with(emulator: Emulator) -> None:
+    """The session is created on first use; aclose() releases it."""
+    client = client_for(emulator)
+    try:
+        assert (await client.merge_face(FACE, TARGET)).data is not None
+    finally:
+        await client.aclose()
+    assert client.closed
+
+
+async def test_injected_session_is_used_and_left_open(emulator: Emulator) -> None:
+    """A caller's session is used as is and not closed by the client."""
+    async with aiohttp.ClientSession() as session:
+        async with client_for(emulator, session=session) as client:
+            await client.merge_face(FACE, TARGET)
+        assert not session.closed
+    assert emulator.stats.requests == 1
+
+
+async def test_invalid_response_image_type(emulator: Emulator) -> None:
+    """An unknown output type is a ConfigurationError before anything is sent."""
+    async with client_for(emulator) as client:
+        with pytest.raises(na.ConfigurationError, match="gif"):
+            await client.merge_face(FACE, TARGET, response_image_type="gif")
+    assert emulator.stats.requests == 0
+
+
+@pytest.mark.parametrize("key", [pytest.param(None, id="none"), pytest.param("  ", id="blank")])
+def test_missing_key_is_a_configuration_error(key: str | None) -> None:
+    """No key (the environment is stripped by conftest) fails at construction."""
+    with pytest.raises(na.ConfigurationError, match="NOVITA_API_KEY"):
+        na.NovitaClient(api_key=key)
+
+
+@pytest.mark.parametrize("value", [pytest.param(0, id="zero"), pytest.param(-1, id="negative"),
+                                   pytest.param(2.5, id="float")])
+def test_bad_max_concurrency(value: Any) -> None:
+    """max_concurrency must be a positive int."""
+    with pytest.raises(na.ConfigurationError, match="max_concurrency"):
+        na.NovitaClient(api_key="sk_x", max_concurrency=value)
+
+
+async def test_key_and_url_from_the_environment(
+    emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NOVITA_API_KEY and NOVITA_BASE_URL are used when no argument is given."""
+    monkeypatch.setenv("NOVITA_API_KEY", emulator.api_key)
+    monkeypatch.setenv("NOVITA_BASE_URL", emulator.url + "/")
+    async with na.NovitaClient(retry=FAST_RETRY) as client:
+        assert client.base_url == emulator.url
+        await client.merge_face(FACE, TARGET)
+    assert emulator.stats.successes == {job_key(FACE, TARGET): 1}
+
+
+def test_arguments_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Explicit api_key and base_url override the environment."""
+    monkeypatch.setenv("NOVITA_API_KEY", "sk_from_env")
+    monkeypatch.setenv("NOVITA_BASE_URL", "https://env.example")
+    client = na.NovitaClient(api_key="sk_explicit", base_url="https://api.novita.ai")
+    assert client.base_url == "https://api.novita.ai"
+    assert "env.example" not in repr(client)
+
+
+def test_default_base_url() -> None:
+    """Without argument or environment the public endpoint is used."""
+    assert na.NovitaClient(api_key="sk_x").base_url == "https://api.novita.ai"
+
+
+def test_repr_never_shows_the_key() -> None:
+    """repr names the URL and limits, never any part of the key."""
+    client = na.NovitaClient(api_key="sk_live_abcdef123456", base_url="https://api.novita.ai")
+    text = repr(client)
+    assert "api.novita.ai" in text and "max_concurrency" in text
+    assert "sk_" not in text and "abcdef" not in text and "123456" not in text
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        pytest.param("http://example.com", id="http-host"),
+        pytest.param("http://10.0.0.5:8080", id="http-private-ip"),
+    ],
+)
+def test_plain_http_to_another_host_warns(base_url: str) -> None:
+    """Plain HTTP to a non-loopback host warns (the key would travel unencrypted)."""
+    with pytest.warns(UserWarning, match="plain HTTP") as record:
+        na.NovitaClient(api_key="sk_x", base_url=base_url)
+    assert record[0].filename == __file__
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        pytest.param("http://127.0.0.1:9999", id="ipv4-loopback"),
+        pytest.param("http://localhost:9999", id="localhost"),
+        pytest.param("http://[::1]:9999", id="ipv6-loopback"),
+        pytest.param("https://example.com", id="https"),
+    ],
+)
+def test_loopback_or_https_does_not_warn(base_url: str) -> None:
+    """Loopback HTTP (the emulator) and HTTPS are silent."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        na.NovitaClient(api_key="sk_x", base_url=base_url)
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        pytest.param("ftp://example.com", id="ftp"),
+        pytest.param("api.novita.ai", id="no-scheme"),
+        pytest.param("https://", id="no-host"),
+    ],
+)
+def test_malformed_base_url(base_url: str) -> None:
+    """A base URL that is not http(s)://host is a ConfigurationError."""
+    with pytest.raises(na.ConfigurationError, match="base_url"):
+        na.NovitaClient(api_key="sk_x", base_url=base_url)
+
+
+# -- the key never leaks -------------------------------------------------------------------
+
+SECRET = "sk_live_TopSecret_0123456789abcdef"
+OTHER_SECRET = "sk_live_WrongSecret_fedcba9876543210"
+
+
+async def test_key_never_appears_in_logs_or_errors(
+    emulator_factory: Callable[..., Emulator], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Successes, API errors, retries and local errors never show the key anywhere."""
+    caplog.set_level("DEBUG")
+    errors: list[BaseException] = []
+    faults = Faults(rates={"500": 0.3, "drop": 0.2}, seed=3)
+    async with emulator_factory(api_keys=(SECRET,), faults=faults) as emu:
+        async with client_for(emu, api_key=SECRET) as client:
+            for seed in range(6):
+                try:
+                    await client.merge_face(make_image(seed=seed), TARGET)
+                except na.NovitaError as exc:
+                    errors.append(exc)
+            for bad in (flat_image(), GrowingFile(FACE)):
+                with pytest.raises(na.NovitaError) as info:
+                    await client.merge_face(bad, TARGET)
+                errors.append(info.value)
+            client_text = repr(client)
+        async with client_for(emu, api_key=OTHER_SECRET) as client:
+            with pytest.raises(na.AuthenticationError) as auth:
+                await client.merge_face(FACE, TARGET)
+            errors.append(auth.value)
+    assert emu.stats.faults  # some retries happened and were logged
+    assert any("retrying" in record.getMessage() for record in caplog.records)
+    texts = [caplog.text, client_text]
+    for error in errors:
+        texts += [str(error), repr(error), "".join(traceback.format_exception(error))]
+        if isinstance(error, na.APIStatusError):
+            texts.append(error.body.decode("utf-8", "replace"))
+    for text in texts:
+        assert SECRET not in text
+        assert OTHER_SECRET not in text
+
+
+async def test_unreadable_input_mid_upload_is_not_retried(emulator: Emulator) -> None:
+    """A file object whose reads fail during the upload is an InvalidImageError, sent once."""
+
+    class Failing(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            raise OSError(5, "Input/output error")
+
+    # Validation off: it would read the object first and refuse it before any request.
+    async with client_for(emulator, validate=False) as client:
+        with pytest.raises(na.InvalidImageError) as info:
+            await client.merge_face(FACE, Failing(TARGET))
+    assert info.value.rule == "unreadable"
+    assert info.value.attempts == 1
+    assert emulator.stats.requests <= 1
+    await wait_idle(emulator)
+
+
+async def test_text_mode_file_is_refused(emulator: Emulator, tmp_path: Path) -> None:
+    """A file opened in text mode is refused locally with a hint to use 'rb'."""
+    path = tmp_path / "face.png"
+    path.write_bytes(FACE)
+    async with client_for(emulator) as client:
+        with (
+            path.open(encoding="latin-1") as handle,
+            pytest.raises(na.InvalidImageError, match="binary mode") as info,
+        ):
+            await client.merge_face(handle, TARGET)  # type: ignore[arg-type]  # deliberately text
+    assert info.value.rule == "type"
+    assert emulator.stats.requests == 0

@@ -1,0 +1,274 @@
+"""The streamed request body: exact length, same bytes every attempt, refusal of changed inputs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import novita_async as na
+from novita_async._config import READ_CHUNK
+from novita_async._encode import RequestBody, b64_length, body_parts, build_extra
+from novita_async._sources import ImageSource, buffer_source, source_from_input
+
+pytestmark = pytest.mark.anyio
+
+FACE = bytes(range(256)) * 41 + b"tail"  # 10 500 bytes, not a multiple of 3
+IMAGE = b"\x89PNG" + bytes(reversed(range(256))) * 13  # 3 332 bytes
+
+
+async def collect(body: RequestBody) -> bytes:
+    """Run one attempt's stream to the end."""
+    return b"".join([piece async for piece in body.stream()])
+
+
+def expected_json(face: bytes, image: bytes, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The body as the stdlib would build it."""
+    doc: dict[str, Any] = {
+        "face_image_file": base64.b64encode(face).decode(),
+        "image_file": base64.b64encode(image).decode(),
+    }
+    if extra:
+        doc["extra"] = extra
+    return doc
+
+
+class ShortReader(io.RawIOBase):
+    """A seekable binary stream that returns at most ``limit`` bytes per read."""
+
+    def __init__(self, data: bytes, limit: int) -> None:
+        super().__init__()
+        self._buffer = io.BytesIO(data)
+        self.limit = limit
+        self.reads: list[int] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._buffer.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._buffer.tell()
+
+    def read(self, size: int | None = -1) -> bytes:
+        want = self.limit if size is None or size < 0 else min(size, self.limit)
+        data = self._buffer.read(want)
+        self.reads.append(len(data))
+        return data
+
+
+class GreedyReader(io.BytesIO):
+    """A file object that returns more bytes than asked for (a broken read())."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        return super().read(-1 if size is None or size < 0 else size + 3)
+
+
+@pytest.mark.parametrize("size", [pytest.param(n, id=str(n)) for n in (0, 1, 2, 3, 4, 5, 6, 100, 101)])
+def test_b64_length(size: int) -> None:
+    """b64_length matches the stdlib's padded encoding."""
+    assert b64_length(size) == len(base64.b64encode(b"\0" * size))
+
+
+def test_build_extra() -> None:
+    """The output type is always sent; the enterprise plan only when asked for."""
+    assert build_extra("png", False) == {"response_image_type": "png"}
+    assert build_extra("jpeg", True) == {
+        "response_image_type": "jpeg", "enterprise_plan": {"enabled": True},
+    }
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(None, id="no-extra"),
+        pytest.param({"response_image_type": "webp"}, id="type"),
+        pytest.param({"response_image_type": "png", "enterprise_plan": {"enabled": True}},
+                     id="enterprise"),
+    ],
+)
+def test_body_parts_make_valid_json(extra: dict[str, Any] | None) -> None:
+    """prefix + b64 + middle + b64 + suffix is the JSON document expected."""
+    prefix, middle, suffix = body_parts(extra)
+    raw = prefix + base64.b64encode(b"face") + middle + base64.b64encode(b"img") + suffix
+    assert json.loads(raw) == expected_json(b"face", b"img", extra)
+
+
+@pytest.mark.parametrize("chunk_size", [pytest.param(n, id=str(n)) for n in (3, 300, 3 * 1024, READ_CHUNK)])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(None, id="no-extra"),
+        pytest.param(build_extra("jpeg", True), id="extra"),
+    ],
+)
+async def test_stream_matches_stdlib_and_content_length(
+    chunk_size: int, extra: dict[str, Any] | None
+) -> None:
+    """The streamed body is exactly content_length bytes and equals the stdlib's JSON."""
+    body = RequestBody(buffer_source(FACE, "face_image", "face"),
+                       buffer_source(IMAGE, "image", "image"), extra, chunk_size=chunk_size)
+    raw = await collect(body)
+    assert body.content_length == len(raw)
+    assert json.loads(raw) == expected_json(FACE, IMAGE, extra)
+    assert body.error is None
+
+
+async def test_empty_inputs_still_give_valid_json() -> None:
+    """Zero-byte inputs stream as empty strings with the exact length."""
+    body = RequestBody(buffer_source(b"", "face_image", "e"), buffer_source(b"", "image", "e"))
+    raw = await collect(body)
+    assert len(raw) == body.content_length
+    assert json.loads(raw) == {"face_image_file": "", "image_file": ""}
+
+
+async def test_stream_twice_gives_the_same_bytes(tmp_path: Path) -> None:
+    """Each stream() is a fresh generator: a second attempt sends the same body again."""
+    path = tmp_path / "face.bin"
+    path.write_bytes(FACE)
+    handle = io.BytesIO(b"xx" + IMAGE)
+    handle.seek(2)
+    body = RequestBody(await source_from_input(path, "face_image"),
+                       await source_from_input(handle, "image"), chunk_size=999)
+    first_stream, second_stream = body.stream(), body.stream()
+    assert first_stream is not second_stream
+    first = await collect(body)
+    second = await collect(body)
+    assert first == second
+    assert json.loads(first) == expected_json(FACE, IMAGE, None)
+
+
+@pytest.mark.parametrize("chunk_size", [pytest.param(n, id=str(n)) for n in (1, 2, 4, 1000, READ_CHUNK + 1)])
+def test_chunk_size_must_be_a_multiple_of_3(chunk_size: int) -> None:
+    """A chunk size that would put padding mid-string is refused."""
+    source = buffer_source(b"abc", "face_image", "x")
+    with pytest.raises(ValueError, match="multiple of 3"):
+        RequestBody(source, source, chunk_size=chunk_size)
+
+
+async def test_short_reads_still_give_whole_chunks() -> None:
+    """A file object returning fewer bytes than asked still yields full chunks but the last."""
+    reader = ShortReader(FACE, limit=7)
+    source = await source_from_input(reader, "face_image")
+    assert source.size == len(FACE)
+    chunks = [bytes(c) async for c in source.chunks(30)]
+    assert b"".join(chunks) == FACE
+    assert all(len(c) == 30 for c in chunks[:-1])
+    assert 0 < len(chunks[-1]) <= 30
+    assert max(reader.reads) <= 7
+
+
+async def test_short_reads_give_a_correct_body() -> None:
+    """With short reads the body still encodes each chunk without stray padding."""
+    body = RequestBody(await source_from_input(ShortReader(FACE, limit=5), "face_image"),
+                       await source_from_input(ShortReader(IMAGE, limit=11), "image"), chunk_size=12)
+    raw = await collect(body)
+    assert len(raw) == body.content_length
+    assert json.loads(raw) == expected_json(FACE, IMAGE, None)
+
+
+@pytest.mark.parametrize(
+    ("new_content", "got"),
+    [
+        pytest.param(FACE[:-10], len(FACE) - 10, id="shrinks"),
+        pytest.param(FACE + b"more", len(FACE) + 1, id="grows"),
+    ],
+)
+async def test_path_that_changes_after_stat(tmp_path: Path, new_content: bytes, got: int) -> None:
+    """A file that shrinks or grows between stat and upload raises SourceChangedError."""
+    path = tmp_path / "face.png"
+    path.write_bytes(FACE)
+    source = await source_from_input(path, "face_image")
+    path.write_bytes(new_content)
+    body = RequestBody(source, buffer_source(IMAGE, "image", "image"), chunk_size=300)
+    with pytest.raises(na.SourceChangedError, match=f"expected {len(FACE)} bytes, read {got}") as info:
+        await collect(body)
+    assert info.value.input_name == "face_image"
+    assert info.value.rule == "changed"
+    assert not info.value.retryable
+    assert body.error is info.value
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param("truncate", id="shrinks"),
+        pytest.param("append", id="grows"),
+    ],
+)
+async def test_file_object_that_changes_after_measuring(change: str) -> None:
+    """A seekable file object whose length changes after it was measured is refused."""
+    handle = io.BytesIO(IMAGE)
+    source = await source_from_input(handle, "image")
+    if change == "truncate":
+        handle.truncate(len(IMAGE) // 2)
+    else:
+        handle.seek(0, io.SEEK_END)
+        handle.write(b"extra bytes")
+    body = RequestBody(buffer_source(FACE, "face_image", "face"), source, chunk_size=300)
+    with pytest.raises(na.SourceChangedError):
+        await collect(body)
+    assert isinstance(body.error, na.SourceChangedError)
+
+
+async def test_file_object_returning_too_much_is_refused() -> None:
+    """A read() that returns more than asked cannot overrun Content-Length."""
+    source: ImageSource = await source_from_input(GreedyReader(IMAGE), "image")
+    body = RequestBody(buffer_source(FACE, "face_image", "face"), source, chunk_size=300)
+    with pytest.raises(na.SourceChangedError):
+        await collect(body)
+
+
+async def test_error_is_cleared_by_the_next_stream(tmp_path: Path) -> None:
+    """body.error describes the last attempt only: a new stream() clears it."""
+    path = tmp_path / "face.png"
+    path.write_bytes(FACE)
+    body = RequestBody(await source_from_input(path, "face_image"),
+                       buffer_source(IMAGE, "image", "image"))
+    path.write_bytes(FACE[:10])
+    with pytest.raises(na.SourceChangedError):
+        await collect(body)
+    assert body.error is not None
+    path.write_bytes(FACE)
+    assert json.loads(await collect(body)) == expected_json(FACE, IMAGE, None)
+    assert body.error is None
+
+
+class FailingReader(io.BytesIO):
+    """A seekable file object whose reads fail (a disk error, a dropped network share)."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise OSError(5, "Input/output error")
+
+
+@pytest.mark.parametrize("how", [pytest.param("deleted", id="file-deleted"),
+                                 pytest.param("closed", id="file-object-closed"),
+                                 pytest.param("failing", id="read-raises")])
+async def test_unreadable_input_is_an_image_error(tmp_path: Path, how: str) -> None:
+    """An input that cannot be read during the upload is an InvalidImageError, not a bare OSError."""
+    path = tmp_path / "face.png"
+    path.write_bytes(FACE)
+    if how == "deleted":
+        source = await source_from_input(path, "face_image")
+        path.unlink()
+    elif how == "closed":
+        handle = path.open("rb")
+        source = await source_from_input(handle, "face_image")
+        handle.close()
+    else:
+        source = await source_from_input(FailingReader(FACE), "face_image")
+    body = RequestBody(source, buffer_source(IMAGE, "image", "image"))
+    with pytest.raises(na.InvalidImageError, match="could not be read") as info:
+        await collect(body)
+    assert info.value.rule == "unreadable"
+    assert info.value.input_name == "face_image"
+    assert not info.value.retryable
+    assert body.error is info.value
