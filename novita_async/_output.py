@@ -16,7 +16,7 @@ import anyio.to_thread
 
 from novita_async._errors import OutputError
 
-__all__ = ["FileSink", "MemorySink", "Sink", "atomic_write_bytes"]
+__all__ = ["FileSink", "MemorySink", "Sink", "atomic_write_bytes", "check_writable"]
 
 #: Decoded bytes are gathered up to this size before one write in a thread,
 #: so a large image costs tens of thread hops, not thousands.
@@ -129,8 +129,14 @@ class FileSink(Sink):
             raise self._fail(exc, "move the result into place at") from exc
 
     async def commit(self) -> None:
-        await self._flush()
-        await anyio.to_thread.run_sync(self._commit_sync)
+        parts, self._pending, self._pending_size = self._pending, [], 0
+
+        def flush_and_commit() -> None:
+            # One thread hop, not two: a small result is written and renamed at once.
+            self._flush_sync(parts)
+            self._commit_sync()
+
+        await anyio.to_thread.run_sync(flush_and_commit)
 
     def _discard_sync(self) -> None:
         if self._fd is not None:
@@ -151,6 +157,20 @@ class FileSink(Sink):
         # Shielded: a cancelled attempt must still remove its temporary file.
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._discard_sync)
+
+
+def check_writable(path: Path) -> None:
+    """Raise :class:`OutputError` now if a result could not be written to ``path`` (blocking).
+
+    Run before a request is sent: a folder that cannot take the result (read-only,
+    not a folder, no permission) would otherwise be found out only after the
+    server had done, and billed, the work.  Creates the folder, like the sink.
+    """
+    sink = FileSink(path)
+    try:
+        sink._open()  # the same folder creation and temporary file the real write uses
+    finally:
+        sink._discard_sync()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -108,6 +108,14 @@ async def send_merge_request(
             raise body.error from exc
         raise InvalidResponseError(f"the response from {url} was cut short: {exc}",
                                    retryable=True) from exc
+    except aiohttp.ClientConnectorCertificateError as exc:
+        # A certificate that fails verification fails the same way next time.
+        error = APIConnectionError(
+            f"TLS certificate verification failed for {url}: {exc.certificate_error}. "
+            "Check the base URL, or the system's CA certificates."
+        )
+        error.retryable = False
+        raise error from exc
     except (aiohttp.ClientError, OSError) as exc:
         if body.error is not None:
             # A failure inside our body generator reaches us as a connection
