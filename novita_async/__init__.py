@@ -33,7 +33,10 @@ from novita_async._errors import (
 )
 from novita_async._jobs import JobResult, JobStatus, MergeJob
 from novita_async._manifest import ManifestError, jobs_from_folders, read_manifest
+from novita_async._pacing import Pacer, PacerProtocol
 from novita_async._result import MergeFaceResult
+from novita_async._shard import shard_jobs, shard_of
+from novita_async._status import RunStatus, run_status
 from novita_async._summary import BatchSummary
 from novita_async._version import __version__
 
@@ -61,13 +64,19 @@ __all__ = [
     "NovitaClient",
     "NovitaError",
     "OutputError",
+    "Pacer",
+    "PacerProtocol",
     "PermissionDeniedError",
     "RateLimitError",
     "RetryPolicy",
+    "RunStatus",
     "ServerError",
     "SourceChangedError",
     "Timeout",
     "__version__",
     "jobs_from_folders",
     "read_manifest",
+    "run_status",
+    "shard_jobs",
+    "shard_of",
 ]

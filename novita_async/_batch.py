@@ -1,12 +1,18 @@
 """The batch engine: a lazy job stream in, one JobResult per job out.
 
-Structure: one runner task owns an anyio task group with the producer (pulls
-jobs only when a slot is free, so a 10-million-row manifest costs memory for
-a few jobs, not for the manifest) and one task per running job.  Every job
-ends as exactly one :class:`JobResult`: written to the ledger first, then
-counted, then handed to the consumer.  The runner is cancelled when the
-consumer stops iterating (``break``, ``aclose()``, garbage collection), so an
-abandoned batch leaks no task, connection or temporary file.
+Structure: :class:`BatchRun` is what the caller holds and iterates; an
+:class:`_Engine` does the work in one runner task that owns an anyio task
+group with the producer (it takes a job from the stream only when a slot is
+free, so a 10-million-row manifest costs memory for a few jobs, not for the
+manifest) and one task per running job.  Every job ends as exactly one
+:class:`JobResult`: written to the ledger first, then counted, then handed to
+the consumer.
+
+The runner never refers back to the :class:`BatchRun`, so when the consumer
+drops it (``break`` out of ``async for client.batch(...)``) the run is freed at
+once and cancels its runner: an abandoned batch leaks no task, connection or
+temporary file.  ``async with`` (or :meth:`BatchRun.aclose`) does the same and
+also waits until everything has stopped.
 """
 
 from __future__ import annotations
@@ -16,14 +22,16 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sized
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from novita_async._errors import JobNotAttemptedError, NovitaError
+from novita_async._errors import JobNotAttemptedError, OutputError
 from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity, output_extension
 from novita_async._ledger import Ledger
 from novita_async._manifest import BadRow
@@ -36,160 +44,173 @@ __all__ = ["BatchRun"]
 
 logger = logging.getLogger("novita_async")
 
+#: Longest wait for a job stream to close itself after the batch ends, seconds.
+_SOURCE_CLOSE_TIMEOUT = 5.0
+
 
 class _Interrupted(Exception):
     """Raised at a job's send gate after a graceful stop: the job is left for a re-run."""
 
 
-async def _aiterate(jobs: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
-    if isinstance(jobs, AsyncIterable):
-        async for job in jobs:
-            yield job
-    else:
+class _End:
+    """The job stream is exhausted."""
+
+
+_END = _End()
+
+
+class _Source:
+    """Pulls jobs one at a time from an iterable or an async iterable."""
+
+    def __init__(self, jobs: Iterable[Any] | AsyncIterable[Any]) -> None:
+        self._async: AsyncIterator[Any] | None = None
+        self._sync: Iterator[Any] | None = None
+        if isinstance(jobs, AsyncIterable):
+            self._async = aiter(jobs)
+        else:
+            self._sync = iter(jobs)
+
+    async def next(self) -> Any:
+        """The next job, or ``_END``."""
+        if self._async is not None:
+            try:
+                return await anext(self._async)
+            except StopAsyncIteration:
+                return _END
+        assert self._sync is not None
         # next() runs on the loop: manifest rows are cheap to read, and a
         # thread hop per row would cost more than the read.
-        for job in jobs:
-            yield job
+        return next(self._sync, _END)
+
+    async def close(self) -> None:
+        """Close a generator source now (its files, cursors...), not at garbage collection."""
+        if self._async is not None:
+            aclose = getattr(self._async, "aclose", None)
+            if aclose is not None:
+                # Shielded: this runs when the batch is being cancelled too.
+                with anyio.move_on_after(_SOURCE_CLOSE_TIMEOUT, shield=True):
+                    await aclose()
+        elif self._sync is not None:
+            close = getattr(self._sync, "close", None)
+            if close is not None:
+                close()
 
 
 def _safe_name(job_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.@+=" else "_" for c in job_id)[:200] or "job"
 
 
-class BatchRun:
-    """A running batch: iterate it for :class:`JobResult` objects.
-
-    Use ``async for`` directly, or ``async with client.batch(...) as run`` to
-    close it deterministically.  ``run.summary`` is live throughout.
-
-    Example:
-        >>> async with client.batch(jobs, output_dir="out", ledger="out/ledger.jsonl") as run:  # doctest: +SKIP
-        ...     async for result in run:
-        ...         print(result.job.id, result.status)
-        ...     print(run.summary.line())
-    """
+class _Engine:
+    """The working half of a batch; the runner task refers only to this."""
 
     def __init__(
         self,
         client: NovitaClient,
-        jobs: Iterable[MergeJob] | AsyncIterable[MergeJob],
+        jobs: Iterable[Any] | AsyncIterable[Any],
         *,
-        output_dir: str | os.PathLike[str] | None = None,
-        ledger: str | os.PathLike[str] | None = None,
-        ordered: bool = False,
-        progress: Any = None,
-        summary: BatchSummary | None = None,
-        response_image_type: str = "png",
-        total: int | None = None,
-        prefetch: int | None = None,
+        output_dir: Path | None,
+        ledger: Path | None,
+        ordered: bool,
+        progress: Any,
+        summary: BatchSummary,
+        response_image_type: str,
+        total: int | None,
+        prefetch: int | None,
     ) -> None:
         self._client = client
         self._jobs = jobs
-        self.output_dir = Path(output_dir) if output_dir is not None else None
-        self._ledger_path = Path(ledger) if ledger is not None else None
-        self.ordered = ordered
-        self.summary = summary or BatchSummary()
+        self.output_dir = output_dir
+        self._ledger_path = ledger
+        self.summary = summary
         self.response_image_type = response_image_type
-        if total is None and hasattr(jobs, "__len__"):
-            total = len(jobs)
         self._progress_spec, self._total = progress, total
         concurrency = client.max_concurrency
         # Jobs alive at once: every request slot busy plus a few prepared ahead.
-        self._slots = anyio.Semaphore(concurrency + (prefetch if prefetch is not None else max(2, concurrency // 4)))
+        extra = prefetch if prefetch is not None else max(2, concurrency // 4)
+        self._slots = anyio.Semaphore(concurrency + extra)
+        # Ordered: results may wait for a slow predecessor, but only this many.
         self._window = anyio.Semaphore(4 * concurrency + 16) if ordered else None
-        self._send, self._receive = anyio.create_memory_object_stream[JobResult](0)
         self._reorder: dict[int, JobResult | None] = {}
-        self._progress: Progress | None = None
         self._next_index = 0
         self._flush_lock = anyio.Lock()
-        self._task: asyncio.Task[None] | None = None
         self._fatal: BaseException | None = None
         self._stopping = False
         self._ledger: Ledger | None = None
-
-    # -- consumer side ---------------------------------------------------
-    def __aiter__(self) -> BatchRun:
-        return self
-
-    async def __anext__(self) -> JobResult:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="novita-batch")
-        try:
-            return await self._receive.receive()
-        except anyio.EndOfStream:
-            await self._task
-            raise StopAsyncIteration from None
-
-    async def __aenter__(self) -> BatchRun:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
+        self._group: anyio.abc.TaskGroup | None = None
+        self._progress: Progress | None = None
+        self.source_error: BaseException | None = None
 
     def stop(self) -> None:
-        """Stop gracefully: take no new jobs, let those in flight finish."""
         if not self._stopping:
             self._stopping = True
             self.summary.interrupted = True
             logger.info("batch stopping: no new jobs; waiting for those in flight")
 
-    async def aclose(self) -> None:
-        """Cancel whatever is still running and release everything. Idempotent."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._receive.close()
-
-    def __del__(self) -> None:
-        # `break` out of `async for` drops the last reference: cancel the runner
-        # (it cleans up in its own task, as structured concurrency requires).
-        task = getattr(self, "_task", None)
-        if task is not None and not task.done():
-            task.cancel()
-
     # -- runner ----------------------------------------------------------
-    async def _run(self) -> None:
-        self._progress = progress = Progress(self._progress_spec, total=self._total)
-        self._ledger = Ledger(self._ledger_path) if self._ledger_path is not None else None
+    async def run(self, send: MemoryObjectSendStream[JobResult]) -> None:
+        self.summary.started = time.monotonic()
         try:
-            async with self._send:
+            async with send:
+                self._progress = Progress(self._progress_spec, total=self._total)
+                if self._ledger_path is not None:
+                    self._ledger = Ledger(self._ledger_path)
                 async with anyio.create_task_group() as group:
-                    await self._produce(group)
+                    self._group = group
+                    await self._produce(group, send)
         finally:
             self.summary.finished = time.monotonic()
             if self._ledger is not None:
                 self._ledger.close()
-            progress.close()
+            if self._progress is not None:
+                self._progress.close()
+        if self.source_error is not None:
+            raise self.source_error
 
-    async def _produce(self, group: anyio.abc.TaskGroup) -> None:
+    def _release(self) -> None:
+        self._slots.release()
+        if self._window is not None:
+            self._window.release()
+
+    async def _produce(self, group: anyio.abc.TaskGroup, send: MemoryObjectSendStream[JobResult]) -> None:
+        source = _Source(self._jobs)
         index = 0
-        iterator = _aiterate(self._jobs)
         try:
-            async for item in iterator:
+            while True:
+                # Take a slot before the job: the stream is read only as fast
+                # as jobs can run, whatever its length.
                 if self._window is not None:
                     await self._window.acquire()
-                if self._fatal is not None or self._stopping:
-                    if self._window is not None:
-                        self._window.release()
-                    if self._fatal is not None:
-                        await self._emit(index, self._not_attempted(item, index))
-                        index += 1
-                        continue  # drain: every job of the stream gets its record
-                    break
-                immediate = self._resolve(item, index)
-                if isinstance(immediate, JobResult):
-                    await self._emit(index, immediate)
+                await self._slots.acquire()
+                if self._stopping:
+                    self._release()
+                    return
+                try:
+                    item = await source.next()
+                except Exception as exc:
+                    # An unreadable stream (a manifest's disk went away): stop
+                    # like Ctrl-C, let jobs in flight finish, then raise it.
+                    self._release()
+                    self.source_error = exc
+                    logger.error("batch stopping: cannot read the next job: %s", exc)
+                    return
+                if isinstance(item, _End):
+                    self._release()
+                    return
+                if self._fatal is not None:
+                    # Drain: every job of the stream gets its record, none is sent.
+                    await self._emit(send, index, self._not_attempted(item, index))
+                    self._slots.release()
                 else:
-                    job, output = immediate
-                    await self._slots.acquire()
-                    group.start_soon(self._run_job, index, job, output)
+                    immediate = self._resolve(item, index)
+                    if isinstance(immediate, JobResult):
+                        await self._emit(send, index, immediate)
+                        self._slots.release()
+                    else:
+                        job, output = immediate
+                        group.start_soon(self._run_job, send, index, job, output)
                 index += 1
         finally:
-            with contextlib.suppress(Exception):
-                await iterator.aclose()  # type: ignore[attr-defined]  # async generator
+            await source.close()
 
     def _resolve(self, item: Any, index: int) -> JobResult | tuple[MergeJob, Path | None]:
         """Give the job its id and output; a bad row or a done job resolves at once."""
@@ -218,8 +239,10 @@ class BatchRun:
         return self.output_dir / f"{_safe_name(job.id)}.{ext}"
 
     def _not_attempted(self, item: Any, index: int) -> JobResult:
-        job = item.with_id(job_identity(item, index)) if isinstance(item, MergeJob) else MergeJob(
-            "", "", id=getattr(item, "id", f"job-{index}"))
+        if isinstance(item, MergeJob):
+            job = item.with_id(job_identity(item, index))
+        else:
+            job = MergeJob("", "", id=getattr(item, "id", None) or f"job-{index}")
         error = JobNotAttemptedError(f"not attempted: the batch stopped early ({self.summary.stop_reason})",
                                      cause=self._fatal)
         return JobResult(job=job, status=JobStatus.NOT_ATTEMPTED, error=error)
@@ -233,58 +256,198 @@ class BatchRun:
             return _Interrupted()
         return None
 
-    async def _run_job(self, index: int, job: MergeJob, output: Path | None) -> None:
-        started = time.monotonic()
+    def _set_fatal(self, exc: BaseException) -> None:
+        if self._fatal is None:
+            self._fatal = exc
+            self.summary.stop_reason = f"{type(exc).__name__}: {exc}"
+            logger.error("batch stopping early: %s", exc)
+
+    async def _run_job(self, send: MemoryObjectSendStream[JobResult], index: int, job: MergeJob,
+                       output: Path | None) -> None:
         try:
-            try:
-                result = await self._client._merge(
-                    job.face_image, job.image,
-                    response_image_type=job.response_image_type or self.response_image_type,
-                    output=output, gate=self._gate,
-                )
-            except _Interrupted:
-                # Left for the next run: no ledger line, nothing half-written.
-                await self._emit(index, None)
-                return
-            except (NovitaError, OSError, ValueError) as exc:
-                attempts = getattr(exc, "attempts", 0)
-                status = JobStatus.NOT_ATTEMPTED if (
-                    isinstance(exc, JobNotAttemptedError) and attempts <= 1) else JobStatus.FAILED
-                record = JobResult(job=job, status=status, error=exc, output=output,
-                                   attempts=attempts if status == JobStatus.FAILED else 0,
-                                   elapsed=time.monotonic() - started)
-                if is_fatal(exc) and self._fatal is None:
-                    self._fatal = exc
-                    self.summary.stop_reason = f"{type(exc).__name__}: {exc}"
-                    logger.error("batch stopping early: %s", exc)
-            else:
-                record = JobResult(job=job, status=JobStatus.OK, result=result, output=output,
-                                   attempts=result.attempts, elapsed=result.elapsed)
-            await self._emit(index, record)
+            record = await self._attempt_job(job, output)
+            await self._emit(send, index, record)
         finally:
             self._slots.release()
 
-    async def _emit(self, index: int, result: JobResult | None) -> None:
+    async def _attempt_job(self, job: MergeJob, output: Path | None) -> JobResult | None:
+        """Run one job to its end state; None when a graceful stop left it for a re-run."""
+        started = time.monotonic()
+        try:
+            result = await self._client._merge(
+                job.face_image, job.image,
+                response_image_type=job.response_image_type or self.response_image_type,
+                output=output, gate=self._gate,
+            )
+        except _Interrupted:
+            # Left for the next run: no ledger line, nothing half-written.
+            return None
+        except JobNotAttemptedError as exc:
+            # Stopped at the gate, maybe after transient failures: the attempt
+            # the gate refused was never sent.
+            return JobResult(job=job, status=JobStatus.NOT_ATTEMPTED, error=exc, output=output,
+                             attempts=max(0, exc.attempts - 1), elapsed=time.monotonic() - started)
+        except Exception as exc:
+            # Whatever one job raises ends that job only, never the batch.
+            if is_fatal(exc):
+                self._set_fatal(exc)
+            return JobResult(job=job, status=JobStatus.FAILED, error=exc, output=output,
+                             attempts=getattr(exc, "attempts", 0), elapsed=time.monotonic() - started)
+        return JobResult(job=job, status=JobStatus.OK, result=result, output=output,
+                         attempts=result.attempts, elapsed=result.elapsed)
+
+    def _record(self, result: JobResult) -> None:
+        ledger = self._ledger
+        if ledger is not None and result.status != JobStatus.SKIPPED:
+            try:
+                ledger.append(result)
+            except OSError as exc:
+                # Without its ledger a batch cannot resume: stop taking jobs.
+                self._ledger = None
+                ledger.close()
+                self._set_fatal(OutputError(f"cannot write the ledger {ledger.path}: {exc.strerror or exc}"))
+        self.summary.add(result)
+        if self._progress is not None:
+            self._progress.update(result, self.summary)
+
+    async def _emit(self, send: MemoryObjectSendStream[JobResult], index: int, result: JobResult | None) -> None:
         """Record a result durably, count it, then hand it to the consumer.
 
         ``None`` marks a job left undone by a graceful stop: nothing to record,
         but the ordered window must move past its index.
         """
         if result is not None:
-            if self._ledger is not None and result.status != JobStatus.SKIPPED:
-                self._ledger.append(result)
-            self.summary.add(result)
-            if self._progress is not None:
-                self._progress.update(result, self.summary)
-        if self._window is None:
-            if result is not None:
-                await self._send.send(result)
-            return
-        self._reorder[index] = result
-        async with self._flush_lock:
-            while self._next_index in self._reorder:
-                ready = self._reorder.pop(self._next_index)
-                self._next_index += 1
-                if ready is not None:
-                    await self._send.send(ready)
-                self._window.release()
+            self._record(result)
+        try:
+            if self._window is None:
+                if result is not None:
+                    await send.send(result)
+                return
+            self._reorder[index] = result
+            async with self._flush_lock:
+                while self._next_index in self._reorder:
+                    ready = self._reorder.pop(self._next_index)
+                    self._next_index += 1
+                    if ready is not None:
+                        await send.send(ready)
+                    self._window.release()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            # The consumer is gone: nobody will read another result, stop all.
+            if self._group is not None:
+                self._group.cancel_scope.cancel()
+
+
+class BatchRun:
+    """A running batch: iterate it for :class:`JobResult` objects.
+
+    Use ``async for`` directly, or ``async with client.batch(...) as run`` to
+    close it deterministically.  ``run.summary`` is live throughout.  Breaking
+    out of ``async for r in client.batch(...)`` cancels the jobs still running;
+    if you keep the run in a variable, close it (``async with`` or
+    :meth:`aclose`) to do the same.
+
+    Example:
+        >>> async with client.batch(jobs, output_dir="out", ledger="out/ledger.jsonl") as run:  # doctest: +SKIP
+        ...     async for result in run:
+        ...         print(result.job.id, result.status)
+        ...     print(run.summary.line())
+    """
+
+    def __init__(
+        self,
+        client: NovitaClient,
+        jobs: Iterable[MergeJob | BadRow] | AsyncIterable[MergeJob | BadRow],
+        *,
+        output_dir: str | os.PathLike[str] | None = None,
+        ledger: str | os.PathLike[str] | None = None,
+        ordered: bool = False,
+        progress: Any = None,
+        summary: BatchSummary | None = None,
+        response_image_type: str = "png",
+        total: int | None = None,
+        prefetch: int | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.ordered = ordered
+        self.response_image_type = response_image_type
+        self.summary = summary if summary is not None else BatchSummary()
+        if total is None and isinstance(jobs, Sized):
+            total = len(jobs)
+        self._engine = _Engine(
+            client, jobs, output_dir=self.output_dir,
+            ledger=Path(ledger) if ledger is not None else None, ordered=ordered,
+            progress=progress, summary=self.summary, response_image_type=response_image_type,
+            total=total, prefetch=prefetch,
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._receive: MemoryObjectReceiveStream[JobResult] | None = None
+        self._send: MemoryObjectSendStream[JobResult] | None = None
+        self._closed = False
+
+    # -- consumer side ---------------------------------------------------
+    def __aiter__(self) -> BatchRun:
+        return self
+
+    async def __anext__(self) -> JobResult:
+        if self._task is None:
+            if self._closed:
+                raise StopAsyncIteration
+            # Unbuffered: a job's result waits for the consumer, and so does its slot.
+            self._send, self._receive = anyio.create_memory_object_stream[JobResult](0)
+            self._task = asyncio.get_running_loop().create_task(
+                self._engine.run(self._send), name="novita-batch")
+        assert self._receive is not None
+        try:
+            return await self._receive.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            pass
+        if self._closed:
+            raise StopAsyncIteration
+        await self._task  # the runner's own error (an unreadable job stream), if any
+        raise StopAsyncIteration
+
+    async def __aenter__(self) -> BatchRun:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def stop(self) -> None:
+        """Stop gracefully: take no new jobs, let those in flight finish.
+
+        Iterate on to receive the in-flight jobs' results; the iteration then
+        ends.  Jobs not started are left without a ledger line, for a re-run.
+        """
+        self._engine.stop()
+
+    async def aclose(self) -> None:
+        """Cancel whatever is still running and wait until it has stopped. Idempotent."""
+        self._closed = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            # wait() rather than `await task`: the runner's cancellation must
+            # not be mistaken for (or swallow) a cancellation of the caller.
+            await asyncio.wait([task])
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            logger.debug("batch runner ended with %r", task.exception())
+        self._close_streams()
+
+    def _close_streams(self) -> None:
+        for stream in (self._receive, self._send):
+            if stream is not None:
+                stream.close()
+
+    def __del__(self) -> None:
+        # The consumer dropped the run (`break` out of `async for`): cancel the
+        # runner, which cleans up in its own task as structured concurrency
+        # requires (temporary files removed, ledger closed).
+        task = getattr(self, "_task", None)
+        if task is not None and not task.done():
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                if not task.get_loop().is_closed():
+                    task.cancel()
+        with contextlib.suppress(AttributeError):
+            self._close_streams()

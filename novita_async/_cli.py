@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -23,6 +23,8 @@ from novita_async._config import API_KEY_ENV, BASE_URL_ENV, RESPONSE_IMAGE_TYPES
 from novita_async._errors import ConfigurationError, InvalidImageError, NovitaError
 from novita_async._jobs import JobResult, JobStatus, MergeJob
 from novita_async._manifest import BadRow, ManifestError, check_manifest, jobs_from_folders
+from novita_async._shard import default_ledger, parse_shard, shard_jobs, shard_rpm
+from novita_async._summary import BatchSummary
 from novita_async._version import __version__
 
 __all__ = ["main"]
@@ -98,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
     batch.add_argument("--grace", type=float, default=60.0, metavar="S",
                        help="after Ctrl-C, seconds to let in-flight jobs finish (default: 60)")
+    batch.add_argument("--shard", type=_shard_arg, metavar="K/N",
+                       help="do only shard K (0..N-1) of N: N workers given the same jobs and "
+                            "K=0..N-1 do every job once; --rpm is then the account's total, each "
+                            "worker pacing at rpm/N; ledger default OUT_DIR/ledger.shard-K-of-N.jsonl")
+    batch.add_argument("--rpm-per-worker", type=float, metavar="R",
+                       help="with --shard: pace this worker at R per minute instead of rpm/N")
     _add_client_options(batch)
 
     serve = sub.add_parser("serve", help="run the local emulator of the API",
@@ -105,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     from novita_async.emulator._cli import add_serve_options
 
     add_serve_options(serve)
+
+    status = sub.add_parser(
+        "status", help="summarise a run from its ledgers (all shards at once)",
+        description="One summary across ledgers: done, failed by reason, not attempted, and with "
+                    "--manifest the jobs left. Reads only; safe while workers run.",
+    )
+    status.add_argument("ledgers", nargs="+", metavar="LEDGER",
+                        help="ledger files, or folders whose ledger*.jsonl files to read")
+    status.add_argument("--manifest", metavar="FILE", help="the run's manifest, to count jobs left")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     demo = sub.add_parser("demo", help="run a batch against a local emulator, offline",
                           description="Start the emulator, make sample inputs, run a batch, write a contact sheet.")
@@ -177,13 +195,15 @@ async def run_batch_command(
     ordered: bool = False,
     progress: bool | None = None,
     grace: float = 60.0,
-) -> tuple[int, Any]:
+) -> tuple[int, BatchSummary]:
     """Run a batch as the CLI does: signals, per-failure lines, summary. Returns (exit code, summary)."""
-    run = client.batch(jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,  # type: ignore[arg-type]  # BadRow rows are reported by the batch
+    run = client.batch(jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,
                        progress=progress, response_image_type=response_image_type)
     loop = asyncio.get_running_loop()
     scope = anyio.CancelScope()
     interrupts = 0
+    timers: list[asyncio.TimerHandle] = []
+    failure: str | None = None
 
     def on_signal() -> None:
         nonlocal interrupts
@@ -191,7 +211,7 @@ async def run_batch_command(
         if interrupts == 1:
             run.stop()
             _say(f"interrupted: finishing jobs in flight (up to {grace:g} s); press Ctrl-C again to stop now")
-            loop.call_later(grace, scope.cancel)
+            timers.append(loop.call_later(grace, scope.cancel))
         else:
             scope.cancel()
 
@@ -204,7 +224,12 @@ async def run_batch_command(
         with scope:
             async for result in run:
                 _report(result)
+    except (ManifestError, OSError) as exc:
+        # The job stream or the ledger failed part-way; jobs in flight finished.
+        failure = str(exc)
     finally:
+        for timer in timers:
+            timer.cancel()
         await run.aclose()
         for signum in installed:
             loop.remove_signal_handler(signum)
@@ -213,6 +238,9 @@ async def run_batch_command(
         summary.interrupted = True
     _say(summary.line())
     _say(f"results: {output_dir}  ledger: {ledger}")
+    if failure is not None:
+        _say(f"novita-async: error: {failure}")
+        return EXIT_USAGE, summary
     if summary.interrupted:
         return EXIT_INTERRUPTED, summary
     return (EXIT_FAILED if summary.failed_total or summary.not_attempted else EXIT_OK), summary
@@ -221,7 +249,18 @@ async def run_batch_command(
 async def _batch_command(args: argparse.Namespace) -> int:
     jobs = _jobs_from_args(args)
     output_dir = Path(args.output_dir)
-    ledger = Path(args.ledger) if args.ledger else output_dir / "ledger.jsonl"
+    if args.shard is not None:
+        index, count = args.shard
+        # Partition after ids are fixed (inside shard_jobs), so every worker agrees.
+        jobs = shard_jobs(jobs, index, count)
+        total_rpm = args.rpm
+        args.rpm = args.rpm_per_worker if args.rpm_per_worker is not None else shard_rpm(args.rpm, count)
+        if args.rpm is not None:
+            _say(f"shard {index}/{count}: pacing at {args.rpm:g}/min"
+                 + (f" (account total {total_rpm:g}/min)" if args.rpm_per_worker is None else ""))
+    elif args.rpm_per_worker is not None:
+        raise UsageError("--rpm-per-worker goes with --shard K/N; without it, use --rpm")
+    ledger = Path(args.ledger) if args.ledger else default_ledger(output_dir, args.shard)
     client = _client_from_args(args)
     async with client:
         code, _ = await run_batch_command(
@@ -229,6 +268,27 @@ async def _batch_command(args: argparse.Namespace) -> int:
             ordered=args.ordered, progress=False if args.no_progress else None, grace=args.grace,
         )
     return code
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _status_command(args: argparse.Namespace) -> int:
+    from novita_async._status import run_status
+
+    try:
+        status = run_status(args.ledgers, manifest=args.manifest)
+    except (ManifestError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        sys.stdout.write(json.dumps(status.as_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(status.table() + "\n")
+    return EXIT_OK
 
 
 def _configure_logging(verbosity: int) -> None:
@@ -250,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from novita_async.emulator._cli import serve_command
 
             return serve_command(args)
+        if args.command == "status":
+            return _status_command(args)
         if args.command == "demo":
             from novita_async._demo import demo_command
 
@@ -260,8 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("novita-async: interrupted\n")
         return EXIT_INTERRUPTED
-    parser.error(f"unknown command {args.command!r}")
-    return EXIT_USAGE  # pragma: no cover - parser.error exits
+    parser.error(f"unknown command {args.command!r}")  # exits with 2
 
 
 def entry() -> None:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from novita_async._client import NovitaClient
 from novita_async._config import RetryPolicy
+from novita_async._jobs import MergeJob
 from novita_async._manifest import read_manifest
 from novita_async._samples import cartoon_face, contact_sheet, sample_pairs
 from novita_async.emulator import Emulator, EmulatorConfig
@@ -75,11 +76,13 @@ def make_demo_inputs(folder: Path, jobs: int) -> tuple[Path, str]:
 
 def write_contact_sheet(folder: Path, manifest: Path, results: Path, rows: int = _SHEET_ROWS) -> Path:
     """A PNG of the first ``rows`` jobs: face, target, result (grey when it failed)."""
-    tiles = []
-    labels = []
+    tiles: list[tuple[Image.Image, Image.Image, Image.Image | None]] = []
+    labels: list[str] = []
     for job in read_manifest(manifest):
-        if len(tiles) >= rows or not hasattr(job, "face_image"):
+        if len(tiles) >= rows:
             break
+        if not isinstance(job, MergeJob):
+            continue
         output = results / str(job.output)
         result = Image.open(output).convert("RGB") if output.exists() else None
         tiles.append((Image.open(str(job.face_image)).convert("RGB"),
@@ -96,7 +99,6 @@ async def demo_command(args: argparse.Namespace) -> int:
     from novita_async._cli import _say, run_batch_command
 
     folder = Path(args.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     _say(f"making {args.jobs} sample jobs in {folder / 'inputs'} ...")
     manifest, source = await anyio.to_thread.run_sync(make_demo_inputs, folder, args.jobs)
     async with Emulator(EmulatorConfig(latency=args.latency)) as emulator:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from novita_async._result import MergeFaceResult
     from novita_async._sources import ImageInput
 
-__all__ = ["JobResult", "JobStatus", "MergeJob", "job_identity", "output_extension"]
+__all__ = ["JobResult", "JobStatus", "MergeJob", "hash_id", "is_fatal", "job_identity", "output_extension"]
 
 #: File extension for each response type.
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -80,9 +80,14 @@ def job_identity(job: MergeJob, index: int) -> str:
     face, image = _describe_for_id(job.face_image), _describe_for_id(job.image)
     if face is None or image is None:
         return f"job-{index}"
-    output = os.fspath(job.output) if job.output is not None else ""
-    key = "\0".join((face, image, str(output), job.response_image_type or ""))
-    return hashlib.sha256(key.encode()).hexdigest()[:20]
+    output = os.fspath(job.output) if job.output is not None else None
+    return hash_id(face, image, str(output) if output is not None else None, job.response_image_type)
+
+
+def hash_id(face: str, image: str, output: str | None, response_image_type: str | None) -> str:
+    """A job id from its paths, output and type as written: 20 hex digits of SHA-256 (pure)."""
+    key = "\0".join((face, image, output or "", response_image_type or ""))
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
 class JobStatus:
@@ -140,10 +145,12 @@ def is_fatal(error: BaseException) -> bool:
     """Errors after which every later job would fail too: stop the batch."""
     from novita_async._errors import (
         AuthenticationError,
+        ClientClosedError,
         InsufficientBalanceError,
         PermissionDeniedError,
     )
 
-    return isinstance(error, (AuthenticationError, PermissionDeniedError, InsufficientBalanceError))
+    return isinstance(
+        error, (AuthenticationError, PermissionDeniedError, InsufficientBalanceError, ClientClosedError))
 
 

@@ -94,7 +94,12 @@ class Ledger:
     def append(self, result: JobResult) -> None:
         """Record a finished job (blocking but tiny: one write)."""
         line = json.dumps(ledger_record(result), separators=(",", ":"), default=str) + "\n"
-        os.write(self._fd, line.encode())
+        view = memoryview(line.encode())
+        while view:
+            # A nearly full disk takes part of a line and returns short without
+            # an error; writing the rest raises the real one (ENOSPC) instead of
+            # counting a torn line as recorded.
+            view = view[os.write(self._fd, view) :]
         self.lines_written += 1
         if result.status == JobStatus.OK and result.job.id:
             self._done.add(result.job.id)

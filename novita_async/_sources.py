@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Union
 
@@ -96,8 +96,18 @@ class _PathSource(ImageSource):
     description: str
     path: Path
     size: int
+    #: What the header check read of a small file, kept for the next upload.
+    _checked: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     async def chunks(self, chunk_size: int) -> AsyncIterator[bytes | memoryview]:
+        checked, self._checked = self._checked, None
+        if checked is not None:
+            # The bytes just checked are the bytes sent, with no second read
+            # (and no thread hop); a retry reads the file again.
+            view = memoryview(checked)
+            for start in range(0, self.size, chunk_size):
+                yield view[start : start + chunk_size]
+            return
         if 0 < self.size <= chunk_size:
             # One thread hop instead of four (open, read, check for growth,
             # close): most inputs fit one chunk, and on a busy machine each hop
@@ -118,7 +128,10 @@ class _PathSource(ImageSource):
             # which on a busy event loop means waiting for it.  (Unbuffered:
             # a buffered open adds an lseek and an ioctl for nothing here.)
             with self.path.open("rb", buffering=0) as handle:
-                return io.BytesIO(handle.readall())
+                data = handle.readall()
+            if len(data) == self.size:
+                self._checked = data
+            return io.BytesIO(data)
         return self.path.open("rb")
 
     def _read_whole(self) -> bytes:

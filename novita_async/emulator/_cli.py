@@ -32,7 +32,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                         help=f"a key to accept (repeatable; default: {DEFAULT_API_KEY})")
     parser.add_argument("--latency", type=float, default=0.0, metavar="S", help="seconds added to each merge")
-    parser.add_argument("--jitter", type=float, default=0.0, metavar="S", help="up to this many seconds more, at random")
+    parser.add_argument("--jitter", type=float, default=0.0, metavar="S",
+                        help="up to this many seconds more, at random")
     parser.add_argument("--fault", type=_fault, action="append", default=[], metavar="KIND=RATE",
                         help=f"inject a fault on this share of attempts; kinds: {', '.join(FAULT_KINDS)}")
     parser.add_argument("--fail-first", type=int, default=0, metavar="N", help="fail the first N attempts of each job")
