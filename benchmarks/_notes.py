@@ -1,0 +1,181 @@
+"""The prose of RESULTS.md: how it was measured, and what the numbers say."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from benchmarks._report import Report
+
+__all__ = ["METHOD", "findings"]
+
+METHOD = """## How it is measured
+
+- **Peers.** (1) `novita-client` 0.7.1, Novita's official synchronous SDK, used as is: its
+  own `base_url` argument points it at the emulator (it takes `http://` URLs and the same
+  `/v3/merge-face` path, so no patching or re-implementation was needed); one client
+  shared by a `ThreadPoolExecutor` of width C; the caller `b64decode`s `image_file` and
+  writes the file. It is asked for PNG like the others (it silently defaults to JPEG).
+  (2) The naive aiohttp client: whole files read and base64-encoded (stdlib) in memory,
+  `json.dumps`, `asyncio.gather` of every job under an `asyncio.Semaphore(C)`,
+  `await resp.json()`, `b64decode`, write the file; its connector limit is raised to C
+  (aiohttp's default of 100 would cap it below 128). (3) novita_async with default
+  settings: `NovitaClient(max_concurrency=C)` and `client.batch(jobs, output_dir=...)`
+  over a lazy generator of `MergeJob` (default validation, retries and pacing on).
+- **Isolation.** Each run is a fresh `python -m benchmarks._child` process against a fresh
+  emulator process (`python -m novita_async serve --port 0 --engine composite`), so the
+  emulator's memory and CPU are not the client's and no run inherits another's state.
+- **Images.** Random-noise PNGs saved with `compress_level=0` at exactly 100,000 /
+  2,000,000 / 20,000,000 bytes (180 px RGB / 808 px RGB / 2048 px RGBA, topped up with an
+  ancillary `bnCh` chunk after the image data). Noise does not compress, so the merged
+  result the emulator returns is as large as the input pixels (about 97 KB / 2 MB /
+  12.6 MB of PNG).
+- **Throughput** = jobs / seconds from the first job started to the last one written.
+  **Ideal** = C / (latency + the emulator's own time per request), where the emulator
+  measures its own time per request (`handling_seconds` in `/_emulator/stats`: from the
+  body received to the answer ready, including waiting for one of its 2 merge workers,
+  excluding the latency knob and the network). Under CPU contention a hungrier client
+  slows the emulator too, so one ideal per cell is used for all peers: the one from the
+  run where the emulator was fastest. A cell is marked **CPU-bound** when running at the
+  ideal rate would need more than 80% of the machine's cores (emulator CPU per request plus
+  the leanest client's CPU per job); there the 2 cores, not the latency, set the pace, and
+  CPU per job is the figure that counts.
+- **Memory.** Idle RSS is taken in the child after its imports; the kernel's peak-RSS mark
+  (`VmHWM`) is then reset (`/proc/self/clear_refs`) and read after the run. Growth = peak -
+  idle.
+- **CPU** = user + system seconds of the child during the run (`os.times`), all threads.
+  **Floor** = what any client must spend per job on this machine: base64-encode both
+  inputs and decode the result with the fastest codec (pybase64, in whichever piece size
+  is cheapest) plus pushing the request and pulling the response through a loopback TCP
+  socket (each side timed with its own thread's CPU clock, at the write size cheapest for
+  both sides together). The floor leaves out reading the inputs and writing the result,
+  which every client must also do. For small images a job's fixed costs (HTTP request,
+  file opens, renames) dwarf the byte costs, so the CPU target is judged where bytes
+  dominate: medium and large cells that are CPU-bound.
+- **Manifest scale.** A CSV manifest of N rows (`face_image,image,id`, the small images)
+  read with `na.read_manifest` and fed to `client.batch` (C=32, emulator latency 0); the
+  run stops after the first results (the same number for every N), so the figures compare
+  the cost of a manifest's *size*, which a lazy reader must not pay.
+  **First request** = from the run's start (before `read_manifest`) to the emulator
+  receiving the first request (both `time.monotonic()`, system-wide on Linux).
+- **Pacing.** Emulator `--rpm R --burst 3 --latency 0.2`; novita_async with C=32, once with
+  `requests_per_minute=R` (fixed) and once without (adaptive: it starts unthrottled and
+  learns the limit from 429s). Jobs never run out; the batch is stopped after the run time.
+  Settled throughput counts jobs finished after the warm-up; 429 shares are from the
+  emulator's own counters.
+"""
+
+
+def findings(report: Report) -> str:
+    """What this run shows: headline ratios and why a missed target was missed."""
+    lines = ["## What the numbers say", ""]
+    large = report.rows("large", 32)
+    ours, naive, official = (large.get(c) for c in ("novita_async", "naive", "official"))
+    if ours and ours.valid and naive and naive.valid and official and official.valid:
+        lines.append(
+            f"- **Memory, large images at C=32:** novita_async grew by "
+            f"{ours.growth / 1e6:.0f} MB, the naive client by {naive.growth / 1e6:,.0f} MB "
+            f"({naive.growth / max(ours.growth, 1):.0f}x more) and the official SDK by "
+            f"{official.growth / 1e6:,.0f} MB ({official.growth / max(ours.growth, 1):.0f}x "
+            f"more); novita_async also ran {ours.throughput / naive.throughput:.1f}x the "
+            f"naive client's throughput on {naive.cpu_per_job / ours.cpu_per_job:.0f}x less "
+            "CPU per job.")
+    ratios = []
+    for size, concurrency in report.cells():
+        rows = report.rows(size, concurrency)
+        a, n = rows.get("novita_async"), rows.get("naive")
+        if a and n and a.valid and n.valid and n.throughput:
+            ratios.append(a.throughput / n.throughput)
+    if ratios:
+        lines.append(f"- **Throughput vs the naive client:** {min(ratios):.2f}x to "
+                     f"{max(ratios):.2f}x across the grid.")
+    missed: dict[str, list[str]] = {}
+    for target in report.targets():
+        if target.passed is False:
+            missed.setdefault(target.name, []).append(target.where)
+    for name, wheres in missed.items():
+        lines.append(f"- **Missed: {name}** ({'; '.join(wheres)}). " + _why(report, name, wheres))
+    lines.append("")
+    return "\n".join(lines) + "\n" + FIXES
+
+
+def _why(report: Report, name: str, wheres: list[str]) -> str:
+    if name == "efficiency vs ideal":
+        parts = []
+        for where in wheres:
+            size, _, rest = where.partition(", C=")
+            concurrency = int(rest.split(" ")[0])
+            rows = [r for r in report.rows(size, concurrency).values() if r.valid]
+            if report.bound(size, concurrency) == "CPU" and rows:
+                emulator = min(r.emulator_cpu for r in rows)
+                ideal = report.ideal(size, concurrency)
+                parts.append(
+                    f"{size} at C={concurrency}: the emulator spends {emulator * 1e3:.1f} ms of "
+                    f"CPU per request, so its ideal {ideal:.0f} jobs/s would take "
+                    f"{ideal * emulator:.1f} of the 2 cores for the emulator alone")
+            else:
+                parts.append(f"{size} at C={concurrency}: latency-bound; the gap is the "
+                             "client's own per-job latency")
+        return ("On this machine these cells are CPU-bound, not latency-bound: "
+                + "; ".join(parts) + ". The emulator's cost is mostly Pillow's PNG encode of a "
+                "noise image; against a remote API these cells would be latency-bound. Compare "
+                "the peers within a cell: they share its ideal.")
+    if name == "CPU per job vs floor":
+        ratios = []
+        for where in wheres:
+            size, _, rest = where.partition(", C=")
+            cell = report.rows(size, int(rest.split(" ")[0]))
+            floor = report.floor(size, int(rest.split(" ")[0]))
+            ratios += [r.cpu_per_job / floor for c, r in cell.items()
+                       if c != "novita_async" and r.valid and floor]
+        others = (f" The whole-file clients pay {min(ratios):.0f}-{max(ratios):.0f}x the floor "
+                  "in the same cells." if ratios else "")
+        return ("The floor counts only base64 and loopback bytes, at the cheapest speeds this "
+                "machine reaches (streamed codec ~25 GB/s; a whole-buffer call runs at 2-3 "
+                "GB/s here because of page faults). A real client must also read the inputs "
+                "and write the result (about 6.5 ms per large job here), and pays per piece "
+                "of ~0.4 MB for asyncio, aiohttp and thread hand-offs (a medium job is ~20 "
+                "pieces and hops, which is why it sits furthest from the floor), plus page "
+                "faults when glibc gives back and re-maps those transient buffers (setting "
+                "MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ cut system time per large "
+                "job by a third in a trial)." + others)
+    if name == "throughput vs naive, everywhere":
+        return ("In a CPU-bound cell, per-job CPU decides: see the CPU column, and allow for "
+                "the few percent of noise between repeated runs.")
+    return "See the tables above."
+
+
+FIXES = """## Library fixes found by these benchmarks
+
+Measured with this harness, old code against new, alternating runs on a quiet machine
+(medians of 3; small images, emulator latency 0.2 s):
+
+| cell | before: jobs/s, eff., CPU ms/job | after | naive client |
+|---|---|---|---|
+| small, C=8 | 34.7, 91%, 4.12 | 37.1, 97%, 2.00 | 37.2, 97%, 1.63 |
+| small, C=64 (2 runs) | 184, 73%, 3.77 | 233, 91%, 2.31 | 203, 87%, 2.06 |
+| small, C=128 | 211, 52%, 3.84 | 272, 92%, 2.08 | 266, 89%, 1.88 |
+| large, C=8 (1 run) | 2.39, 67%, 50.0 | 2.38, 68%, 43.8 | |
+
+The cause was thread hand-offs: a small job took 15 trips to a worker thread (each
+~65 us of CPU on an idle machine, several context switches and GIL hand-overs on a busy
+one: 36 context switches per job against the naive client's 3), and the header check's
+many small reads each released and re-took the GIL. Now a job takes 2:
+
+1. `_sources.py`: a file of at most one chunk is opened, read, size-checked and closed in
+   one hop (was four: open, read, read-one-more-byte, close).
+2. `_sources.py`: for files up to 1 MiB the header check reads the file once (unbuffered)
+   and parses it from memory, instead of Pillow seeking and reading the file piecemeal
+   in a worker thread; the bytes it read are kept and sent by the first attempt, so a
+   small input is read once per job, not twice (a retry reads the file again).
+3. `_client.py`: the stat and the header check of both inputs run in one hop (was four).
+4. `_output.py`: a result's last write and its rename into place are one hop (was two).
+5. `_client.py`: the output-folder probe (create and delete a file before sending) runs
+   once per folder per client instead of once per job; per job it cost ~0.5 ms of CPU,
+   and ext4 slows down allocating inodes past recently deleted ones.
+6. `_retry.py`: one module-level `random.Random` for backoff jitter; a new one per call
+   seeded itself from `os.urandom` (~50 us per job).
+7. `emulator/_app.py` (measurement only): the emulator counts its own time per request
+   (`handled`, `handling_seconds`, `handling_cpu_seconds`, `first_request_at` in
+   `/_emulator/stats`), which the ideal throughput is computed from.
+"""
