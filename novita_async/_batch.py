@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from novita_async._errors import JobNotAttemptedError, OutputError
 from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity, output_extension
 from novita_async._ledger import Ledger
 from novita_async._manifest import BadRow
+from novita_async._output import sweep_stale_temp_files
 from novita_async._summary import BatchSummary, Progress
 
 if TYPE_CHECKING:
@@ -154,6 +156,12 @@ class _Engine:
                 self._progress = Progress(self._progress_spec, total=self._total)
                 if self._ledger_path is not None:
                     self._ledger = Ledger(self._ledger_path)
+                if self.output_dir is not None:
+                    # A killed run leaves hidden temporary files (never partial
+                    # results under final names); clear those of dead writers.
+                    removed = await anyio.to_thread.run_sync(sweep_stale_temp_files, self.output_dir)
+                    if removed:
+                        logger.info("removed %d temporary file(s) left by an interrupted run", removed)
                 async with anyio.create_task_group() as group:
                     self._group = group
                     await self._produce(group, send)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 
@@ -16,7 +18,15 @@ import anyio.to_thread
 
 from novita_async._errors import OutputError
 
-__all__ = ["FileSink", "MemorySink", "Sink", "atomic_write_bytes", "check_writable"]
+__all__ = [
+    "FileSink",
+    "MemorySink",
+    "Sink",
+    "atomic_write_bytes",
+    "check_writable",
+    "sweep_stale_temp_files",
+    "temp_prefix",
+]
 
 #: Decoded bytes are gathered up to this size before one write in a thread,
 #: so a large image costs tens of thread hops, not thousands.
@@ -33,6 +43,50 @@ def _read_umask() -> int:
 
 #: Mode for results: what a plain open() would give (mkstemp makes 0600 files).
 _FILE_MODE = 0o666 & ~_read_umask()
+
+
+#: Temporary files are named ``.<name>.~<host>-<pid>~<random>.part``: hidden,
+#: and marked with their writer so a later run can tell a live one from one
+#: left by a killed process.
+_TEMP_OWNER = re.compile(r"^\..*\.~(?P<host>.+)-(?P<pid>\d+)~[^~]*\.part$")
+
+
+def temp_prefix(path: Path) -> str:
+    """The prefix of the temporary file that becomes ``path``."""
+    return f".{path.name}.~{socket.gethostname()}-{os.getpid()}~"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+def sweep_stale_temp_files(folder: Path) -> int:
+    """Delete temporary result files in ``folder`` left by killed processes on this host (blocking).
+
+    Files of live writers, and of writers on other hosts sharing the folder,
+    are left alone. Returns how many were removed.
+    """
+    host = socket.gethostname()
+    removed = 0
+    try:
+        entries = os.scandir(folder)
+    except OSError:
+        return 0
+    with entries:
+        for entry in entries:
+            match = _TEMP_OWNER.match(entry.name) if entry.name.endswith(".part") else None
+            if match is None or match["host"] != host or _pid_alive(int(match["pid"])):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 class Sink:
@@ -89,7 +143,7 @@ class FileSink(Sink):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd, self._tmp = tempfile.mkstemp(
-                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".part"
+                dir=self.path.parent, prefix=temp_prefix(self.path), suffix=".part"
             )
         except OSError as exc:
             raise self._fail(exc, "create a file in the folder of") from exc
@@ -176,7 +230,7 @@ def check_writable(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (blocking; used by ``save``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

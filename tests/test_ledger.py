@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
 import novita_async as na
@@ -183,3 +187,22 @@ def test_ledger_appends_whole_lines_and_creates_its_folder(tmp_path: Path) -> No
     reopened = Ledger(path)
     assert reopened.is_done("j1") and not reopened.is_done("j9")
     reopened.close()
+
+
+async def test_temporary_files_of_dead_writers_are_swept_on_resume(emulator: Emulator, tmp_path: Path) -> None:
+    """A re-run removes hidden temp files a killed run left; live writers' and other hosts' stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    finished = await anyio.run_process([sys.executable, "-c", "import os; print(os.getpid())"])
+    dead_pid = int(finished.stdout)  # that process has exited
+    host = socket.gethostname()
+    stale = out / f".job0.png.~{host}-{dead_pid}~abc123.part"
+    live = out / f".job1.png.~{host}-{os.getpid()}~def456.part"
+    foreign = out / f".job2.png.~another-host-{dead_pid}~ghi789.part"
+    for path in (stale, live, foreign):
+        path.write_bytes(b"half an image")
+    async with na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY) as client:
+        results = [r async for r in client.batch(memory_jobs(2), output_dir=out, progress=False)]
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert not stale.exists()
+    assert live.exists() and foreign.exists()

@@ -312,6 +312,7 @@ def test_sigkill_five_times_then_resume_soak(tmp_path: Path) -> None:
         assert_valid_image(Path(record["output"]))
     finals = [p for p in out.iterdir() if p.suffix == ".png" and not p.name.startswith(".")]
     assert len(finals) == jobs
+    assert part_files(out) == [], "the final run swept what the kills left"
     successes: dict[str, int] = stats["successes"]
     keys = {key_of(f, i) for f, i in pairs}
     assert keys == set(successes), f"seed {seed}"
