@@ -195,10 +195,11 @@ async def run_batch_command(
     ordered: bool = False,
     progress: bool | None = None,
     grace: float = 60.0,
+    total: int | None = None,
 ) -> tuple[int, BatchSummary]:
     """Run a batch as the CLI does: signals, per-failure lines, summary. Returns (exit code, summary)."""
     run = client.batch(jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,
-                       progress=progress, response_image_type=response_image_type)
+                       progress=progress, response_image_type=response_image_type, total=total)
     loop = asyncio.get_running_loop()
     scope = anyio.CancelScope()
     interrupts = 0
@@ -266,8 +267,30 @@ async def _batch_command(args: argparse.Namespace) -> int:
         code, _ = await run_batch_command(
             client, jobs, output_dir=output_dir, ledger=ledger, response_image_type=args.type,
             ordered=args.ordered, progress=False if args.no_progress else None, grace=args.grace,
+            total=None if args.shard is not None else _estimate_rows(args.manifest),
         )
     return code
+
+
+#: Manifests up to this size are counted up front for the progress bar's total
+#: (a quick read); larger ones show a count and a rate without a total.
+_COUNT_LIMIT = 64 * 1024 * 1024
+
+
+def _estimate_rows(manifest: str | None) -> int | None:
+    """Rows in a manifest (non-blank lines, less a CSV's header), for the progress bar; None if unknown."""
+    if manifest is None:
+        return None
+    path = Path(manifest)
+    try:
+        if path.stat().st_size > _COUNT_LIMIT:
+            return None
+        with path.open("rb") as handle:
+            rows = sum(1 for line in handle if line.strip())
+    except OSError:
+        return None
+    is_csv = path.suffix.lower() not in (".jsonl", ".ndjson", ".json")
+    return max(0, rows - 1) if is_csv else rows
 
 
 def _shard_arg(text: str) -> tuple[int, int]:

@@ -405,6 +405,7 @@ class NovitaClient:
         progress: Any = None,
         response_image_type: str = "png",
         summary: BatchSummary | None = None,
+        total: int | None = None,
     ) -> BatchRun:
         """Run many merges concurrently; iterate the result for one :class:`JobResult` per job.
 
@@ -420,6 +421,8 @@ class NovitaClient:
                 tqdm-like object, or a callable taking each JobResult.
             response_image_type: Output type for jobs that do not set one.
             summary: A :class:`BatchSummary` to fill (also ``run.summary``).
+            total: How many jobs to expect, for the progress bar's total and ETA
+                (taken from ``len(jobs)`` when it has one).
 
         Returns:
             A :class:`BatchRun`: an async iterator (and async context manager).
@@ -437,4 +440,5 @@ class NovitaClient:
                 f"response_image_type {response_image_type!r} is not one of {', '.join(RESPONSE_IMAGE_TYPES)}"
             )
         return BatchRun(self, jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,
-                        progress=progress, summary=summary, response_image_type=response_image_type)
+                        progress=progress, summary=summary, response_image_type=response_image_type,
+                        total=total)

@@ -109,6 +109,7 @@ async def demo_command(args: argparse.Namespace) -> int:
             code, _ = await run_batch_command(
                 client, read_manifest(manifest), output_dir=folder / "results",
                 ledger=folder / "ledger.jsonl", progress=False if args.no_progress else None,
+                total=args.jobs,
             )
     sheet = await anyio.to_thread.run_sync(write_contact_sheet, folder, manifest, folder / "results")
     _say(f"contact sheet (face | target | result): {sheet}")
