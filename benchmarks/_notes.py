@@ -131,14 +131,20 @@ def _why(report: Report, name: str, wheres: list[str]) -> str:
         others = (f" The whole-file clients pay {min(ratios):.0f}-{max(ratios):.0f}x the floor "
                   "in the same cells." if ratios else "")
         return ("The floor counts only base64 and loopback bytes, at the cheapest speeds this "
-                "machine reaches (streamed codec ~25 GB/s; a whole-buffer call runs at 2-3 "
-                "GB/s here because of page faults). A real client must also read the inputs "
-                "and write the result (about 6.5 ms per large job here), and pays per piece "
-                "of ~0.4 MB for asyncio, aiohttp and thread hand-offs (a medium job is ~20 "
-                "pieces and hops, which is why it sits furthest from the floor), plus page "
-                "faults when glibc gives back and re-maps those transient buffers (setting "
-                "MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ cut system time per large "
-                "job by a third in a trial)." + others)
+                "machine reaches (streamed codec ~25 GB/s into warm buffers). A real client "
+                "must also read the inputs (~1.8 ms per large job from the page cache), create "
+                "and write the result file, and take the response through aiohttp, whose "
+                "parser copies the body once more (~1.3 ms per large job); profiled against a "
+                "server that costs no CPU, a large job took ~25 ms (floor ~13-15) and a medium "
+                "one ~5 ms (floor ~1.4-1.6), and that remainder is file I/O, the parser's "
+                "copy and ~25 us of asyncio/aiohttp Python per network piece. Against the "
+                "emulator the figures are higher and noisy for a reason outside the client: "
+                "this VM backs fresh memory lazily, so writing a result into page-cache pages "
+                "it has not used yet ran at ~0.4 GB/s instead of ~5 GB/s (perf, large at "
+                "C=32: ~27 of 60 ms per job in the kernel's copy into the page cache), and "
+                "fresh anonymous pages cost the same way, which is why wider cells cost more "
+                "CPU per job. A medium job also pays ~1.5 ms of fixed per-job cost (HTTP "
+                "request, file create and rename) that alone exceeds 1.5x its floor." + others)
     if name == "throughput vs naive, everywhere":
         return ("In a CPU-bound cell, per-job CPU decides: see the CPU column, and allow for "
                 "the few percent of noise between repeated runs.")
@@ -146,6 +152,56 @@ def _why(report: Report, name: str, wheres: list[str]) -> str:
 
 
 FIXES = """## Library fixes found by these benchmarks
+
+### Medium and large images: the bytes path
+
+Profiled with perf (kernel and native stacks) and py-spy on the client process. Before,
+a medium job cost (against a server that costs no CPU, C=8) ~7 ms of CPU: ~1.3 ms of
+loopback send and receive, ~0.3 ms of base64, and the rest thread hand-offs (21 per job:
+every 384 KiB read of an input went to a worker thread), copies and Python. Changes:
+
+1. `_sources.py`: inputs are read with `preadv2(RWF_NOWAIT)` on the event loop (Linux;
+   a memcpy from the page cache, no thread hop) into one reused buffer per upload; only
+   a read that would wait for the disk (EAGAIN, or a short read) goes to a worker thread.
+   A medium job now takes 5 thread hops instead of 21, and no 384 KiB allocation per
+   chunk. (Other systems keep the threaded reads.)
+2. `_decode.py`: the base64 quantum split across two network chunks is completed and
+   decoded on its own, and the rest decoded through a memoryview, instead of
+   `quantum + chunk` and `chars[:whole]` (two copies of nearly every response chunk);
+   `feed_parts()` returns the pieces so nothing is joined (`feed()` still joins).
+3. `_transport.py`: the response is taken one buffered network chunk at a time
+   (`iter_chunks`) rather than `iter_any`, which joins whatever is buffered into a new
+   bytes object.
+4. `_encode.py`: base64 pieces go to aiohttp as memoryviews, so a piece the socket takes
+   only partly (14% of a large request's bytes against the busy emulator) is copied once
+   into the transport's buffer, not twice.
+5. `_output.py`: a batch of decoded pieces is written with one `writev()` (one GIL
+   release and re-take per flush instead of one per piece).
+
+Client CPU per job (ms), old code against new on the same machine: three quick-grid runs
+of each (the last full run, then two of novita_async alone; the new code's full run is the
+table above), and a single-process reproduction against a zero-cost server (a stub that
+reads the body, waits 0.2 s and returns a canned answer of the same size; C=8, old and new
+alternating, 128-192 medium / 32-48 large jobs a run). The grid's cells have only 16-128
+jobs and share 2 cores with the emulator, so they vary by 20-40% between runs:
+
+| cell | before (3 runs) | after (3 runs) |
+|---|--:|--:|
+| medium, C=8 | 10.2, 9.4, 8.3 | 5.9, 6.9, 8.6 |
+| medium, C=32 | 8.2, 7.8, 7.3 | 6.9, 7.0, 6.1 |
+| medium, C=128 | 9.0, 9.3, 12.6 | 8.2, 9.5, 6.5 |
+| large, C=8 | 45.6, 48.1, 41.9 | 28.7, 28.8, 26.9 |
+| large, C=32 | 41.2, 67.5, 62.8 | 48.8, 63.4, 44.7 |
+| medium, C=8, zero-cost server | 6.7-7.4 | 4.8-5.3 |
+| large, C=8, zero-cost server | 34-37 | 25-29 |
+
+Peak RSS growth fell with the per-chunk allocations (large at C=32: 67-75 MB before,
+47-49 MB after). Tried and not kept: smaller upload pieces (48-192 KiB instead of
+384 KiB): no difference beyond the run-to-run noise. Not done: the file write of the result
+(a thread hop per MiB, as before; buffered writes cannot be made non-blocking on ext4)
+and aiohttp's own copy of the response body.
+
+### Small images: thread hand-offs
 
 Measured with this harness, old code against new, alternating runs on a quiet machine
 (medians of 3; small images, emulator latency 0.2 s):

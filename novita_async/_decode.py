@@ -186,6 +186,17 @@ class SuccessBodyDecoder:
         Returns b"" when the piece completed no base64 quantum.  Raises
         InvalidResponseError(retryable=False) as soon as the body is malformed.
         """
+        out = self.feed_parts(chunk)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def feed_parts(self, chunk: bytes) -> list[bytes]:
+        """Like :meth:`feed`, but the image bytes as a list of consecutive pieces.
+
+        Saves the copy that joining them costs: a chunk that does not start on
+        a base64 quantum boundary decodes as a 3-byte piece (the quantum split
+        across chunks) and the rest.  The list is empty when the chunk
+        completed no quantum.
+        """
         if self._error is not None:
             raise self._error
         if self._finished:
@@ -198,9 +209,9 @@ class SuccessBodyDecoder:
             self._error = error
             raise
         self._offset += len(data)
-        result = out[0] if len(out) == 1 else b"".join(out)
-        self._decoded += len(result)
-        return result
+        for piece in out:
+            self._decoded += len(piece)
+        return out
 
     def finish(self) -> bytes:
         """Call at end of body; return the last decoded bytes.
@@ -455,18 +466,31 @@ class SuccessBodyDecoder:
         return i
 
     def _push(self, chars: bytes, out: list[bytes]) -> None:
-        """Add unescaped base64 characters; decode every complete quantum."""
+        """Add unescaped base64 characters; decode every complete quantum.
+
+        Without copying ``chars`` (a whole network chunk): the quantum left
+        unfinished by the previous piece is completed from its first
+        characters and decoded on its own, and the whole quanta after that are
+        decoded through a memoryview.
+        """
         if not chars:
             return
         if self._padded or b"=" in chars:
             self._check_padding(chars)
         self._chars += len(chars)
+        start = 0
         if self._quantum:
-            chars = self._quantum + chars
-        whole = len(chars) & ~3
+            start = 4 - len(self._quantum)
+            if len(chars) < start:
+                self._quantum += chars
+                return
+            out.append(self._decode(self._quantum + chars[:start]))
+        whole = start + ((len(chars) - start) & ~3)
         self._quantum = chars[whole:]
-        if whole:
-            out.append(self._decode(chars[:whole] if whole < len(chars) else chars))
+        if whole > start:
+            out.append(self._decode(
+                chars if start == 0 and whole == len(chars) else memoryview(chars)[start:whole]
+            ))
 
     def _check_padding(self, chars: bytes) -> None:
         """Allow '=' only at the end of the string (the codec checks how many)."""

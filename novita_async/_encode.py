@@ -83,12 +83,12 @@ class RequestBody:
             + b64_length(self.image.size) + len(suffix)
         )
 
-    def stream(self) -> AsyncIterator[bytes]:
+    def stream(self) -> AsyncIterator[bytes | memoryview]:
         """A new generator of the body's bytes (call once per attempt)."""
         self.error = None
         return self._generate()
 
-    async def _generate(self) -> AsyncIterator[bytes]:
+    async def _generate(self) -> AsyncIterator[bytes | memoryview]:
         prefix, middle, suffix = self._parts
         try:
             yield prefix
@@ -102,10 +102,12 @@ class RequestBody:
             self.error = exc
             raise
 
-    async def _encode(self, source: ImageSource) -> AsyncIterator[bytes]:
+    async def _encode(self, source: ImageSource) -> AsyncIterator[bytes | memoryview]:
         try:
             async for chunk in source.chunks(self.chunk_size):
-                yield b64encode(chunk)
+                # A view, so that the transport's copy of a partly sent piece
+                # (``data[n:]``, then into its buffer) is one copy, not two.
+                yield memoryview(b64encode(chunk))
         except NovitaError:
             raise
         except Exception as exc:

@@ -8,6 +8,7 @@ once per attempt.  Each kind of input the client accepts becomes one
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections.abc import AsyncIterator
@@ -87,6 +88,43 @@ class _BufferSource(ImageSource):
 #: Files up to this size are read whole for the header check (bytes).
 _READ_WHOLE_BELOW = 1024 * 1024
 
+#: preadv2's flag for "only what is in the page cache, never wait for the disk"
+#: (Linux >= 4.14); None where reads must always go to a worker thread.
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
+
+
+def _open_read(path: Path) -> int:
+    """Open ``path`` for reading; return the file descriptor (blocking)."""
+    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+
+def _pread_cached(fd: int, view: memoryview, offset: int) -> int | None:
+    """Read into ``view`` from the page cache only; None when that would mean waiting.
+
+    0 is the end of the file.  A short count means only part was cached (or
+    the file ends there): the caller reads the rest in a worker thread.
+    """
+    assert _RWF_NOWAIT is not None
+    try:
+        return os.preadv(fd, [view], offset, _RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return None  # a file system (or kernel) without the flag: read in a thread
+        raise
+
+
+def _pread_full(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset`` unless the file ends first; return the bytes read (blocking)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            break
+        done += got
+    return done
+
 
 @dataclass
 class _PathSource(ImageSource):
@@ -114,12 +152,54 @@ class _PathSource(ImageSource):
             # costs ~65 us of CPU and a wake-up on the request's critical path.
             yield await anyio.to_thread.run_sync(self._read_whole)
             return
+        if _RWF_NOWAIT is not None:
+            async for piece in self._pread_chunks(chunk_size):
+                yield piece
+            return
         handle = await anyio.to_thread.run_sync(self.path.open, "rb")
         try:
             async for chunk in _read_exactly(self, handle, chunk_size):
                 yield chunk
         finally:
             await anyio.to_thread.run_sync(handle.close)
+
+    async def _pread_chunks(self, chunk_size: int) -> AsyncIterator[memoryview]:
+        """Read the file into one reused buffer, a chunk at a time (Linux).
+
+        A read of pages already in the page cache (the common case: an input
+        just written, or read by the header check) is a memcpy, cheaper than
+        the thread hop that would carry it (~65 us of CPU on an idle machine,
+        several wake-ups on a busy one): ``preadv2(RWF_NOWAIT)`` does it on the
+        event loop and answers EAGAIN instead of waiting for the disk, and
+        only then does the read go to a worker thread.  Each chunk is a view of
+        the same buffer, valid until the next one is asked for (the encoder
+        consumes it at once), so a file costs one buffer, not one per chunk.
+        """
+        fd = await anyio.to_thread.run_sync(_open_read, self.path)
+        try:
+            # At least one byte: the check for a file that grew reads into it.
+            buffer = memoryview(bytearray(max(1, min(chunk_size, self.size))))
+            offset = 0
+            while offset < self.size:
+                want = min(chunk_size, self.size - offset)
+                piece = buffer[:want]
+                got = _pread_cached(fd, piece, offset)
+                if got is None or 0 < got < want:
+                    done = got or 0
+                    done += await anyio.to_thread.run_sync(_pread_full, fd, piece[done:], offset + done)
+                    got = done
+                if got < want:
+                    raise self._changed(offset + got)
+                offset += want
+                yield piece
+            # One more byte means the file grew while we read it.
+            extra = _pread_cached(fd, buffer[:1], offset)
+            if extra is None:
+                extra = await anyio.to_thread.run_sync(_pread_full, fd, buffer[:1], offset)
+            if extra:
+                raise self._changed(self.size + 1)
+        finally:
+            os.close(fd)
 
     def open_sync(self) -> BinaryIO:
         if self.size <= _READ_WHOLE_BELOW:

@@ -43,9 +43,10 @@ async def read_capped(content: aiohttp.StreamReader, cap: int) -> bytes:
 
 async def _stream_success(response: aiohttp.ClientResponse, sink: Sink) -> str | None:
     decoder = SuccessBodyDecoder()
-    async for chunk in response.content.iter_any():
-        decoded = decoder.feed(chunk)
-        if decoded:
+    # One buffered network chunk at a time: readany() would join the chunks
+    # waiting in the buffer into a new bytes object, a copy of the body.
+    async for chunk, _ in response.content.iter_chunks():
+        for decoded in decoder.feed_parts(chunk):
             await sink.write(decoded)
     tail = decoder.finish()
     if tail:

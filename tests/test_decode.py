@@ -230,6 +230,18 @@ def test_large_bodies_match_reference(codec: str, body: str, size: int) -> None:
     assert_matches_reference(body.encode(), [size])
 
 
+@pytest.mark.parametrize("sizes", [(1,), (5,), (7, 3), (65537,), (4096, 1, 2, 3)])
+def test_feed_parts_are_the_pieces_of_feed(codec: str, sizes: tuple[int, ...]) -> None:
+    """feed_parts() gives the same bytes as feed(), in pieces, with no empty ones."""
+    image = bytes(range(256)) * 300
+    body = json.dumps({"image_file": base64.b64encode(image).decode(), "image_type": "png"}).encode()
+    decoder = SuccessBodyDecoder()
+    pieces = [piece for chunk in split(body, sizes) for piece in decoder.feed_parts(chunk)]
+    decoder.finish()
+    assert all(pieces) and b"".join(pieces) == image == decode(body, sizes)[0]
+    assert decoder.decoded_bytes == len(image)
+
+
 def test_one_byte_chunks_of_a_large_image() -> None:
     """Feeding 1 byte at a time (every boundary at once) still decodes exactly."""
     image = _big_image(30_000, seed=3)

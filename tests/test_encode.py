@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import novita_async as na
+from novita_async import _sources
 from novita_async._config import READ_CHUNK
 from novita_async._encode import RequestBody, b64_length, body_parts, build_extra
 from novita_async._sources import ImageSource, buffer_source, source_from_input
@@ -195,6 +196,46 @@ async def test_path_that_changes_after_stat(tmp_path: Path, new_content: bytes, 
     assert info.value.rule == "changed"
     assert not info.value.retryable
     assert body.error is info.value
+
+
+@pytest.mark.parametrize(
+    "cached",
+    [
+        pytest.param(lambda fd, view, offset: None, id="nothing-cached"),
+        pytest.param(lambda fd, view, offset: _sources._pread_full(fd, view[: len(view) // 2], offset)
+                     if len(view) > 1 else None, id="half-cached"),
+    ],
+)
+@pytest.mark.parametrize("grow", [False, True], ids=["same", "grows"])
+async def test_path_read_when_the_page_cache_misses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: Any, grow: bool
+) -> None:
+    """Pages not (or partly) in the page cache are read in a worker thread, with the same bytes and checks."""
+    if _sources._RWF_NOWAIT is None:
+        pytest.skip("no preadv2(RWF_NOWAIT) on this system")
+    monkeypatch.setattr(_sources, "_pread_cached", cached)
+    path = tmp_path / "face.png"
+    path.write_bytes(FACE)
+    source = await source_from_input(path, "face_image")
+    if grow:
+        path.write_bytes(FACE + b"x")
+    body = RequestBody(source, buffer_source(IMAGE, "image", "image"), chunk_size=300)
+    if grow:
+        with pytest.raises(na.SourceChangedError, match=f"read {len(FACE) + 1}"):
+            await collect(body)
+    else:
+        assert json.loads(await collect(body)) == expected_json(FACE, IMAGE, None)
+
+
+async def test_empty_path_that_grows_is_refused(tmp_path: Path) -> None:
+    """A file measured empty that has a byte by upload time is refused, not sent empty."""
+    path = tmp_path / "face.png"
+    path.write_bytes(b"")
+    source = await source_from_input(path, "face_image")
+    path.write_bytes(b"x")
+    body = RequestBody(source, buffer_source(IMAGE, "image", "image"), chunk_size=300)
+    with pytest.raises(na.SourceChangedError):
+        await collect(body)
 
 
 @pytest.mark.parametrize(
