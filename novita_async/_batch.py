@@ -32,6 +32,7 @@ import anyio.abc
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from novita_async._client import send_gate
 from novita_async._errors import JobNotAttemptedError, OutputError
 from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity, output_extension
 from novita_async._ledger import Ledger
@@ -282,11 +283,15 @@ class _Engine:
         """Run one job to its end state; None when a graceful stop left it for a re-run."""
         started = time.monotonic()
         try:
-            result = await self._client._merge(
-                job.face_image, job.image,
-                response_image_type=job.response_image_type or self.response_image_type,
-                output=output, gate=self._gate,
-            )
+            token = send_gate.set(self._gate)
+            try:
+                result = await self._client.merge_face(
+                    job.face_image, job.image,
+                    response_image_type=job.response_image_type or self.response_image_type,
+                    output=output,
+                )
+            finally:
+                send_gate.reset(token)
         except _Interrupted:
             # Left for the next run: no ledger line, nothing half-written.
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import ipaddress
 import logging
@@ -57,6 +58,15 @@ logger = logging.getLogger("novita_async")
 
 #: Rules that ``auto_resize`` can repair by re-encoding the image.
 _RESIZABLE_RULES = frozenset({"max_resolution", "max_size", "color_mode"})
+
+
+#: Set by a batch around each of its jobs (each job runs in its own task, so
+#: its own context): called just before every attempt is sent; an exception it
+#: returns is raised instead of sending.  This is how a batch that is stopping
+#: keeps queued jobs and retries from going out.
+send_gate: contextvars.ContextVar[Callable[[], BaseException | None] | None] = contextvars.ContextVar(
+    "novita_async_send_gate", default=None
+)
 
 
 class _State(enum.Enum):
@@ -299,25 +309,8 @@ class NovitaClient:
             >>> result.image_type, len(result.data)  # doctest: +SKIP
             ('png', 1048576)
         """
-        return await self._merge(
-            face_image, image, response_image_type=response_image_type,
-            enterprise_plan=enterprise_plan, output=output, auto_resize=auto_resize,
-        )
-
-    async def _merge(
-        self,
-        face_image: ImageInput,
-        image: ImageInput,
-        *,
-        response_image_type: str = "png",
-        enterprise_plan: bool = False,
-        output: str | os.PathLike[str] | None = None,
-        auto_resize: bool | None = None,
-        gate: Callable[[], BaseException | None] | None = None,
-    ) -> MergeFaceResult:
-        """merge_face, plus ``gate``: checked before each attempt is sent; an
-        exception it returns is raised instead of sending (the batch's stop)."""
         session = self._ensure_session()
+        gate = send_gate.get()
         if response_image_type not in RESPONSE_IMAGE_TYPES:
             raise ConfigurationError(
                 f"response_image_type {response_image_type!r} is not one of "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 from PIL import Image, ImageDraw
@@ -43,6 +45,17 @@ def make_image(
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def request_json(face: bytes, image: bytes, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A merge-face request body as the API documents it, built with the stdlib."""
+    doc: dict[str, Any] = {
+        "face_image_file": base64.b64encode(face).decode(),
+        "image_file": base64.b64encode(image).decode(),
+    }
+    if extra:
+        doc["extra"] = extra
+    return doc
 
 
 def flat_image(size: tuple[int, int] = (64, 64), fmt: str = "PNG") -> bytes:

@@ -25,7 +25,7 @@ from novita_async.emulator import (
     job_key,
 )
 
-from .conftest import flat_image, make_image
+from .conftest import flat_image, make_image, request_json
 
 pytestmark = pytest.mark.anyio
 
@@ -48,13 +48,7 @@ class Answer:
 
 def payload(face: bytes = FACE, image: bytes = TARGET, **extra: Any) -> dict[str, Any]:
     """A request body as the API documents it."""
-    doc: dict[str, Any] = {
-        "face_image_file": base64.b64encode(face).decode(),
-        "image_file": base64.b64encode(image).decode(),
-    }
-    if extra:
-        doc["extra"] = extra
-    return doc
+    return request_json(face, image, extra)
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from novita_async._config import READ_CHUNK
 from novita_async._encode import RequestBody, b64_length, body_parts, build_extra
 from novita_async._sources import ImageSource, buffer_source, source_from_input
 
+from .conftest import request_json
+
 pytestmark = pytest.mark.anyio
 
 FACE = bytes(range(256)) * 41 + b"tail"  # 10 500 bytes, not a multiple of 3
@@ -27,15 +29,6 @@ async def collect(body: RequestBody) -> bytes:
     return b"".join([piece async for piece in body.stream()])
 
 
-def expected_json(face: bytes, image: bytes, extra: dict[str, Any] | None) -> dict[str, Any]:
-    """The body as the stdlib would build it."""
-    doc: dict[str, Any] = {
-        "face_image_file": base64.b64encode(face).decode(),
-        "image_file": base64.b64encode(image).decode(),
-    }
-    if extra:
-        doc["extra"] = extra
-    return doc
 
 
 class ShortReader(io.RawIOBase):
@@ -100,7 +93,7 @@ def test_body_parts_make_valid_json(extra: dict[str, Any] | None) -> None:
     """prefix + b64 + middle + b64 + suffix is the JSON document expected."""
     prefix, middle, suffix = body_parts(extra)
     raw = prefix + base64.b64encode(b"face") + middle + base64.b64encode(b"img") + suffix
-    assert json.loads(raw) == expected_json(b"face", b"img", extra)
+    assert json.loads(raw) == request_json(b"face", b"img", extra)
 
 
 @pytest.mark.parametrize("chunk_size", [pytest.param(n, id=str(n)) for n in (3, 300, 3 * 1024, READ_CHUNK)])
@@ -119,7 +112,7 @@ async def test_stream_matches_stdlib_and_content_length(
                        buffer_source(IMAGE, "image", "image"), extra, chunk_size=chunk_size)
     raw = await collect(body)
     assert body.content_length == len(raw)
-    assert json.loads(raw) == expected_json(FACE, IMAGE, extra)
+    assert json.loads(raw) == request_json(FACE, IMAGE, extra)
     assert body.error is None
 
 
@@ -144,7 +137,7 @@ async def test_stream_twice_gives_the_same_bytes(tmp_path: Path) -> None:
     first = await collect(body)
     second = await collect(body)
     assert first == second
-    assert json.loads(first) == expected_json(FACE, IMAGE, None)
+    assert json.loads(first) == request_json(FACE, IMAGE, None)
 
 
 @pytest.mark.parametrize("chunk_size", [pytest.param(n, id=str(n)) for n in (1, 2, 4, 1000, READ_CHUNK + 1)])
@@ -173,7 +166,7 @@ async def test_short_reads_give_a_correct_body() -> None:
                        await source_from_input(ShortReader(IMAGE, limit=11), "image"), chunk_size=12)
     raw = await collect(body)
     assert len(raw) == body.content_length
-    assert json.loads(raw) == expected_json(FACE, IMAGE, None)
+    assert json.loads(raw) == request_json(FACE, IMAGE, None)
 
 
 @pytest.mark.parametrize(
@@ -224,7 +217,7 @@ async def test_path_read_when_the_page_cache_misses(
         with pytest.raises(na.SourceChangedError, match=f"read {len(FACE) + 1}"):
             await collect(body)
     else:
-        assert json.loads(await collect(body)) == expected_json(FACE, IMAGE, None)
+        assert json.loads(await collect(body)) == request_json(FACE, IMAGE, None)
 
 
 async def test_empty_path_that_grows_is_refused(tmp_path: Path) -> None:
@@ -279,7 +272,7 @@ async def test_error_is_cleared_by_the_next_stream(tmp_path: Path) -> None:
         await collect(body)
     assert body.error is not None
     path.write_bytes(FACE)
-    assert json.loads(await collect(body)) == expected_json(FACE, IMAGE, None)
+    assert json.loads(await collect(body)) == request_json(FACE, IMAGE, None)
     assert body.error is None
 
 
