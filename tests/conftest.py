@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -22,6 +24,45 @@ def _no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
     """Strip the user's NOVITA_* variables so no test can pick up a real key or endpoint."""
     monkeypatch.delenv("NOVITA_API_KEY", raising=False)
     monkeypatch.delenv("NOVITA_BASE_URL", raising=False)
+
+
+def _is_loopback(host: object) -> bool:
+    """Whether a host name or address is this machine's loopback."""
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host is None or host in ("localhost", "ip6-localhost"):
+        return True  # None: a server asking for its own bind addresses
+    try:
+        return ipaddress.ip_address(str(host).strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuse any name lookup or TCP/UDP connect beyond loopback: tests never reach the real API.
+
+    Tests construct clients with the public base URL to check defaults and
+    warnings; this makes sure none of them can send it a byte. (Ray's tests
+    are left out: Ray's own processes talk over the node's address.)
+    """
+    if request.node.get_closest_marker("ray") is not None:
+        return
+    real_getaddrinfo = socket.getaddrinfo
+    real_connect = socket.socket.connect
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _is_loopback(host):
+            raise OSError(f"tests reach only loopback: refused to resolve {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            raise OSError(f"tests reach only loopback: refused to connect to {address!r}")
+        real_connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
 
 
 @pytest.fixture

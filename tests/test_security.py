@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -265,7 +266,8 @@ async def test_tls_verification_is_on_by_default(self_signed: tuple[Path, Path])
 @pytest.mark.parametrize(
     "url",
     [
-        pytest.param("http://api.novita.ai", id="public-host"),
+        pytest.param("http://api.example.com", id="public-host"),
+        pytest.param("http://example.com", id="http-host"),
         pytest.param("http://10.0.0.5:8080", id="private-ip"),
         pytest.param("http://0.0.0.0:8787", id="any-address"),
         pytest.param("http://localhost.example.com", id="localhost-lookalike"),
@@ -274,9 +276,10 @@ async def test_tls_verification_is_on_by_default(self_signed: tuple[Path, Path])
 )
 async def test_plain_http_to_a_remote_host_warns(url: str) -> None:
     """A plain-HTTP base URL that is not loopback warns that the key would travel unencrypted."""
-    with pytest.warns(UserWarning, match="unencrypted"):
+    with pytest.warns(UserWarning, match="plain HTTP.*unencrypted") as record:
         client = na.NovitaClient(api_key=KEY, base_url=url)
     await client.aclose()
+    assert record[0].filename == __file__  # points at the caller's line, not the library's
 
 
 @pytest.mark.parametrize(
@@ -286,7 +289,8 @@ async def test_plain_http_to_a_remote_host_warns(url: str) -> None:
         pytest.param("http://127.8.9.10", id="ipv4-loopback-range"),
         pytest.param("http://localhost:8787", id="localhost"),
         pytest.param("http://[::1]:8787", id="ipv6-loopback"),
-        pytest.param("https://api.novita.ai", id="https"),
+        pytest.param("https://api.example.com", id="https"),
+        pytest.param("https://example.com", id="https-host"),
     ],
 )
 async def test_https_or_loopback_does_not_warn(url: str) -> None:
@@ -345,3 +349,12 @@ async def test_emulator_compares_keys_in_constant_time(
         assert answer["reason"] == reason
     if given:
         assert calls and all(b == len(KEY) for _, b in calls)
+
+
+def test_the_suite_reaches_only_loopback() -> None:
+    """The suite's guard (conftest) refuses lookups and connects beyond loopback: no test reaches a real API."""
+    with pytest.raises(OSError, match="only loopback"):
+        socket.getaddrinfo("api.example.com", 443)
+    with socket.socket() as sock, pytest.raises(OSError, match="only loopback"):
+        sock.connect(("192.0.2.1", 443))  # TEST-NET-1: never routed
+    assert socket.getaddrinfo("127.0.0.1", 80)  # loopback still resolves
