@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 
 from novita_async._client import NovitaClient
 from novita_async._config import API_KEY_ENV, BASE_URL_ENV, RESPONSE_IMAGE_TYPES, RetryPolicy, Timeout
@@ -267,7 +268,7 @@ async def _batch_command(args: argparse.Namespace) -> int:
         code, _ = await run_batch_command(
             client, jobs, output_dir=output_dir, ledger=ledger, response_image_type=args.type,
             ordered=args.ordered, progress=False if args.no_progress else None, grace=args.grace,
-            total=None if args.shard is not None else _estimate_rows(args.manifest),
+            total=None if args.shard is not None else await anyio.to_thread.run_sync(_estimate_rows, args.manifest),
         )
     return code
 

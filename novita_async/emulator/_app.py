@@ -227,6 +227,18 @@ def _timed_merge_to_body(
     return body, time.thread_time() - cpu
 
 
+def _timed_parse(raw: bytes) -> tuple[tuple[bytes, bytes, str, bool] | web.Response, str, float]:
+    """Parse the body and key the job, timed, in a worker thread.
+
+    JSON-parsing and base64-decoding two 30 MB images, then hashing them, takes
+    long enough to stall every other request if done on the event loop.
+    """
+    cpu = time.thread_time()
+    parsed = _parse_body(raw)
+    key = "" if isinstance(parsed, web.Response) else job_key(parsed[0], parsed[1])
+    return parsed, key, time.thread_time() - cpu
+
+
 async def _inject(kind: str, request: web.Request, state: _State) -> web.StreamResponse:
     """Answer one attempt with fault ``kind``."""
     config = state.config.faults
@@ -315,16 +327,14 @@ async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> 
             return _error(429, "RATE_LIMIT_EXCEEDED", "images per minute limit exceeded", **headers)
     if not request.content_type.startswith("application/json"):
         return _error(400, "INVALID_REQUEST_BODY", "Content-Type must be application/json")
-    handling_started, parse_cpu = time.perf_counter(), time.thread_time()
-    parsed = _parse_body(raw)
-    parse_cpu = time.thread_time() - parse_cpu
+    handling_started = time.perf_counter()
+    parsed, key, parse_cpu = await anyio.to_thread.run_sync(_timed_parse, raw)
     if isinstance(parsed, web.Response):
         return parsed
     face, image, image_type, enterprise = parsed
     del raw
     if enterprise:
         stats.enterprise_requests += 1
-    key = job_key(face, image)
     stats.attempts[key] += 1
     fault = _pick_fault(state, key, stats.attempts[key])
     if fault is not None:
