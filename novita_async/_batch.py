@@ -156,7 +156,8 @@ class _Engine:
             async with send:
                 self._progress = Progress(self._progress_spec, total=self._total)
                 if self._ledger_path is not None:
-                    self._ledger = Ledger(self._ledger_path)
+                    # Loading a resumed run's ledger reads every line: not on the loop.
+                    self._ledger = await anyio.to_thread.run_sync(Ledger, self._ledger_path)
                 if self.output_dir is not None:
                     # A killed run leaves hidden temporary files (never partial
                     # results under final names); clear those of dead writers.
