@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
         grid = GridSpec(**spec)
         outcome = run_client(client, grid)
         result = {"ok": outcome.ok, "failed": outcome.failed, "errors": outcome.errors,
-                  "elapsed": outcome.elapsed}
+                  "elapsed": outcome.elapsed, "settled_rate": outcome.settled_rate(grid.concurrency)}
     elif kind == "manifest":
         result = asyncio.run(run_manifest(ManifestSpec(**spec)))
     elif kind == "pacing":

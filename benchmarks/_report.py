@@ -100,6 +100,7 @@ class Report:
         row = GridRow(size, concurrency, client, jobs, input_bytes, error=result.get("error"))
         if row.error is None:
             row.ok, row.failed, row.elapsed = result["ok"], result["failed"], result["elapsed"]
+            row.settled_rate = result.get("settled_rate", 0.0)
             row.cpu_seconds = result["cpu_seconds"]
             row.baseline_rss, row.peak_rss = result["baseline_rss"], result["peak_rss"]
             row.output_bytes, row.output_sha1 = result["output_bytes"], result["output_sha1"]
@@ -348,7 +349,8 @@ class Report:
             "machine": self.machine, "latency": self.latency,
             "load_start": self.load_start, "load_end": self.load_end,
             "floor_model": asdict(self.floor_model),
-            "grid": [asdict(r) | {"throughput": r.throughput, "growth": r.growth,
+            "grid": [asdict(r) | {"throughput": r.throughput, "overall_throughput": r.overall_throughput,
+                                  "growth": r.growth,
                                   "cpu_per_job": r.cpu_per_job} for r in self.grid],
             "cells": [{"size": s, "concurrency": c, "ideal": self.ideal(s, c),
                        "handling": self.handling(s, c), "floor": self.floor(s, c),

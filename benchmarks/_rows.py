@@ -21,6 +21,7 @@ class GridRow:
     ok: int = 0
     failed: int = 0
     elapsed: float = 0.0
+    settled_rate: float = 0.0  # jobs/s after the first round (see Outcome.settled_rate)
     cpu_seconds: float = 0.0
     baseline_rss: int = 0
     peak_rss: int = 0
@@ -35,7 +36,14 @@ class GridRow:
 
     @property
     def throughput(self) -> float:
-        """Successful jobs per second."""
+        """Successful jobs per second once settled (the whole-run rate if not recorded)."""
+        if self.settled_rate > 0:
+            return self.settled_rate
+        return self.overall_throughput
+
+    @property
+    def overall_throughput(self) -> float:
+        """Successful jobs over the whole run's seconds, cold start included."""
         return self.ok / self.elapsed if self.elapsed > 0 else 0.0
 
     @property

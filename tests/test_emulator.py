@@ -24,6 +24,7 @@ from novita_async.emulator import (
     composite_merge,
     job_key,
 )
+from novita_async.emulator._merge import stored_png
 
 from .conftest import flat_image, make_image, request_json
 
@@ -411,10 +412,11 @@ def test_faults_validation(kwargs: dict[str, Any]) -> None:
     [
         pytest.param({"engine": "magic"}, id="engine"),
         pytest.param({"api_keys": ()}, id="no-keys"),
+        pytest.param({"png_level": 10}, id="png-level"),
     ],
 )
 def test_config_validation(kwargs: dict[str, Any]) -> None:
-    """EmulatorConfig refuses an unknown engine and an empty key list."""
+    """EmulatorConfig refuses an unknown engine, an empty key list and a zlib level past 9."""
     with pytest.raises(ValueError):
         EmulatorConfig(**kwargs)
 
@@ -584,3 +586,51 @@ def test_composite_merge_keeps_the_target_size() -> None:
     assert result.size == target.size
     assert result.mode == "RGB"
     assert result.tobytes() != target.convert("RGB").tobytes()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA"])
+def test_stored_png_keeps_every_pixel(mode: str) -> None:
+    """The level-0 PNG writer gives a valid PNG with the image's pixels (other modes as RGB/RGBA)."""
+    source = Image.open(io.BytesIO(make_image(size=(37, 23), seed=3))).convert(mode)
+    data = stored_png(source)
+    with Image.open(io.BytesIO(data)) as result:
+        result.load()
+        assert result.format == "PNG"
+        expected = {"P": "RGB", "LA": "RGBA"}.get(mode, mode)
+        assert result.mode == expected
+        assert result.tobytes() == source.convert(expected).tobytes()
+    # Stored blocks: about the size of the pixels, one filter byte per row more.
+    assert len(data) > 37 * 23 * len(expected)
+
+
+async def test_png_level_0_gives_the_same_pixels(
+    http: aiohttp.ClientSession, emulator_factory: Callable[..., Emulator]
+) -> None:
+    """png_level=0 changes how the result is stored, not what it shows."""
+    pixels = []
+    for level in (0, 1):
+        async with emulator_factory(png_level=level) as emu:
+            answer = await post(http, emu, payload())
+        assert answer.status == 200
+        with Image.open(io.BytesIO(base64.b64decode(answer.json()["image_file"]))) as result:
+            assert result.format == "PNG"
+            pixels.append(result.convert("RGB").tobytes())
+    assert pixels[0] == pixels[1]
+
+
+def test_serve_options_make_the_config() -> None:
+    """`serve` options map onto EmulatorConfig; a zlib level past 9 is refused by the parser."""
+    import argparse
+
+    from novita_async.emulator._cli import add_serve_options, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_options(parser)
+    args = parser.parse_args(["--png-level", "0", "--rpm", "60", "--burst", "2", "--fault", "503=0.25",
+                              "--engine", "composite", "--latency", "0.1"])
+    config = config_from_args(args)
+    assert (config.png_level, config.rate_limit_rpm, config.rate_limit_burst) == (0, 60, 2)
+    assert (config.engine, config.latency, dict(config.faults.rates)) == ("composite", 0.1, {"503": 0.25})
+    assert config_from_args(parser.parse_args([])).png_level == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--png-level", "12"])

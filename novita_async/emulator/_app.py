@@ -209,21 +209,21 @@ def _open_checked(data: bytes, name: str) -> Image.Image:
     return image
 
 
-def _merge_to_body(merge: MergeFn, face: bytes, image: bytes, image_type: str) -> bytes:
+def _merge_to_body(merge: MergeFn, face: bytes, image: bytes, image_type: str, png_level: int) -> bytes:
     """Decode, merge, encode and wrap in the success JSON (runs in a thread)."""
     face_img = _open_checked(face, "face_image_file")
     target_img = _open_checked(image, "image_file")
     result = merge(face_img, target_img)
-    encoded = b64encode(encode_result(result, image_type))
+    encoded = b64encode(encode_result(result, image_type, png_level))
     return b'{"image_file":"' + encoded + b'","image_type":"' + image_type.encode() + b'"}'
 
 
 def _timed_merge_to_body(
-    merge: MergeFn, face: bytes, image: bytes, image_type: str
+    merge: MergeFn, face: bytes, image: bytes, image_type: str, png_level: int
 ) -> tuple[bytes, float]:
     """_merge_to_body plus the CPU seconds it took, timed in the worker thread."""
     cpu = time.thread_time()
-    body = _merge_to_body(merge, face, image, image_type)
+    body = _merge_to_body(merge, face, image, image_type, png_level)
     return body, time.thread_time() - cpu
 
 
@@ -352,7 +352,7 @@ async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> 
     slept = time.perf_counter() - slept
     try:
         body, merge_cpu = await anyio.to_thread.run_sync(
-            _timed_merge_to_body, state.merge, face, image, image_type,
+            _timed_merge_to_body, state.merge, face, image, image_type, state.config.png_level,
             limiter=state.merge_limiter,
         )
     except _BadImage as exc:

@@ -89,6 +89,9 @@ class EmulatorConfig:
             installed, else the composite), ``"face"`` or ``"composite"``.
         balance: Successful merges before ``BILLING_BALANCE_NOT_ENOUGH`` (None: unlimited).
         max_body_bytes: Largest request body accepted (two 30 MB images as base64, plus slack).
+        png_level: zlib level of PNG results, 0-9; 0 stores them uncompressed
+            (cheapest for the emulator; benchmarks use it so the emulator's
+            CPU does not crowd the client's).
     """
 
     api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
@@ -102,8 +105,11 @@ class EmulatorConfig:
     engine: str = "auto"
     balance: int | None = None
     max_body_bytes: int = 2 * 41 * 1024 * 1024 + 64 * 1024
+    png_level: int = 1
 
     def __post_init__(self) -> None:
+        if not 0 <= self.png_level <= 9:
+            raise ValueError(f"png_level must be 0-9, not {self.png_level}")
         if self.engine not in ("auto", "face", "composite"):
             raise ValueError("engine must be 'auto', 'face' or 'composite'")
         if not self.api_keys:
