@@ -38,7 +38,13 @@ from novita_async._output import FileSink, MemorySink, Sink, check_writable
 from novita_async._pacing import Pacer, PacerProtocol
 from novita_async._result import MergeFaceResult
 from novita_async._retry import retry_call
-from novita_async._sources import ImageSource, _source_sync, buffer_source, source_from_input
+from novita_async._sources import (
+    ImageSource,
+    _source_sync,
+    buffer_source,
+    close_sources,
+    source_from_input,
+)
 from novita_async._transport import send_merge_request
 from novita_async._version import __version__
 
@@ -246,31 +252,50 @@ class NovitaClient:
                                         source=source.description)
             except InvalidImageError as exc:
                 return source, exc
+            except BaseException:
+                source.close()
+                raise
             return source, None
 
         def check_all() -> list[tuple[ImageSource, InvalidImageError | None]]:
             # One thread hop for every input's stat and header check: each hop
             # costs ~65 us of CPU and several wake-ups on a busy machine.
-            return [open_and_check(value, input_name) for value, input_name in inputs]
+            checked: list[tuple[ImageSource, InvalidImageError | None]] = []
+            try:
+                for value, input_name in inputs:
+                    checked.append(open_and_check(value, input_name))
+            except BaseException:
+                close_sources(source for source, _ in checked)
+                raise
+            return checked
 
+        checked = await anyio.to_thread.run_sync(check_all)
         sources: list[ImageSource] = []
-        for source, problem in await anyio.to_thread.run_sync(check_all):
-            if problem is None:
-                sources.append(source)
-                continue
-            if not (auto_resize and problem.rule in _RESIZABLE_RULES):
-                raise problem
+        try:
+            for source, problem in checked:
+                if problem is None:
+                    sources.append(source)
+                    continue
+                source.close()
+                if not (auto_resize and problem.rule in _RESIZABLE_RULES):
+                    raise problem
 
-            def fit(source: ImageSource = source) -> bytes:
-                with source.open_sync() as stream:
-                    data, _ = _images.fit_image(stream, input_name=source.input_name,
-                                                source=source.description)
-                return data
+                def fit(source: ImageSource = source) -> bytes:
+                    try:
+                        with source.open_sync() as stream:
+                            data, _ = _images.fit_image(stream, input_name=source.input_name,
+                                                        source=source.description)
+                    finally:
+                        source.close()
+                    return data
 
-            data = await anyio.to_thread.run_sync(fit)
-            logger.info("%s (%s) resized to fit the API's limits (%s)", source.input_name,
-                        source.description, problem.rule)
-            sources.append(buffer_source(data, source.input_name, f"{source.description} (resized)"))
+                data = await anyio.to_thread.run_sync(fit)
+                logger.info("%s (%s) resized to fit the API's limits (%s)", source.input_name,
+                            source.description, problem.rule)
+                sources.append(buffer_source(data, source.input_name, f"{source.description} (resized)"))
+        except BaseException:
+            close_sources(source for source, _ in checked)
+            raise
         return sources
 
     async def merge_face(
@@ -319,34 +344,38 @@ class NovitaClient:
         started = time.monotonic()
         resize = self.auto_resize if auto_resize is None else auto_resize
         face, target = await self._prepare(((face_image, "face_image"), (image, "image")), resize)
-        body = RequestBody(face, target, build_extra(response_image_type, enterprise_plan))
-        out_path = Path(os.fspath(output)) if output is not None else None
-        if out_path is not None and out_path.parent not in self._writable_folders:
-            # Before anything is sent: a result with nowhere to go is a paid request lost.
-            # Once per folder: probing creates and deletes a file, which per job
-            # cost a batch of small images ~0.5 ms of CPU each (and ext4 slows
-            # down allocating inodes past recently deleted ones).
-            await anyio.to_thread.run_sync(check_writable, out_path)
-            if len(self._writable_folders) >= 1024:
-                self._writable_folders.clear()
-            self._writable_folders.add(out_path.parent)
+        try:
+            body = RequestBody(face, target, build_extra(response_image_type, enterprise_plan))
+            out_path = Path(os.fspath(output)) if output is not None else None
+            if out_path is not None and out_path.parent not in self._writable_folders:
+                # Before anything is sent: a result with nowhere to go is a paid request lost.
+                # Once per folder: probing creates and deletes a file, which per job
+                # cost a batch of small images ~0.5 ms of CPU each (and ext4 slows
+                # down allocating inodes past recently deleted ones).
+                await anyio.to_thread.run_sync(check_writable, out_path)
+                if len(self._writable_folders) >= 1024:
+                    self._writable_folders.clear()
+                self._writable_folders.add(out_path.parent)
 
-        async def attempt(number: int) -> tuple[str, Sink]:
-            sink: Sink = FileSink(out_path) if out_path is not None else MemorySink()
-            try:
-                image_type = await self._attempt(session, body, sink, response_image_type, gate)
-                await sink.commit()
-            except BaseException:
-                await sink.discard()
-                raise
-            return image_type, sink
+            async def attempt(number: int) -> tuple[str, Sink]:
+                sink: Sink = FileSink(out_path) if out_path is not None else MemorySink()
+                try:
+                    image_type = await self._attempt(session, body, sink, response_image_type, gate)
+                    await sink.commit()
+                except BaseException:
+                    await sink.discard()
+                    raise
+                return image_type, sink
 
-        (image_type, sink), attempts = await retry_call(attempt, self.retry, what="merge-face")
-        data = sink.data if isinstance(sink, MemorySink) else None
-        return MergeFaceResult(
-            image_type=image_type, path=out_path, data=data,
-            attempts=attempts, elapsed=time.monotonic() - started,
-        )
+            (image_type, sink), attempts = await retry_call(attempt, self.retry, what="merge-face")
+            data = sink.data if isinstance(sink, MemorySink) else None
+            return MergeFaceResult(
+                image_type=image_type, path=out_path, data=data,
+                attempts=attempts, elapsed=time.monotonic() - started,
+            )
+        finally:
+            # The header check may have kept a file open for the first upload.
+            close_sources((face, target))
 
     async def _attempt(
         self,

@@ -7,6 +7,7 @@ checks in ``_images`` before an upload.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import BinaryIO
 
 __all__ = [
@@ -27,6 +28,7 @@ _JPEG_PADDING = b"\x00 \t\r\n"  # some writers pad the end of a JPEG with these
 _JPEG_TAIL_BYTES = 64 * 1024  # how much of a JPEG's end is searched for EOI
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
 _JPEG_MAX_SEGMENTS = 1000  # real files have a few dozen before the frame header
+_JPEG_SCAN_BLOCK = 1024 * 1024  # read size when looking for EOI inside the file
 
 #: Signatures of formats the API refuses, to name them in the message.
 _OTHER_SIGNATURES = (
@@ -89,7 +91,7 @@ def find_damage(fmt: str, stream: BinaryIO, start: int, size: int, head: bytes) 
     if fmt == "JPEG":
         count = min(size, _JPEG_TAIL_BYTES)
         tail = read_at(stream, start + size - count, count).rstrip(_JPEG_PADDING)
-        if tail.endswith(_JPEG_EOI):
+        if tail.endswith(_JPEG_EOI) or _jpeg_image_ends_early(stream, start, size):
             return None
         return "it does not end with the JPEG end-of-image marker (FF D9)"
     # RIFF's size field counts everything after the first 8 bytes; a writer may
@@ -133,31 +135,68 @@ def _webp_dims(head: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _jpeg_dims(stream: BinaryIO, start: int, size: int) -> tuple[int, int] | None:
-    """From the first frame header (SOFn), hopping over the segments before it."""
+def _jpeg_segments(stream: BinaryIO, start: int, size: int) -> Iterator[tuple[int, int]]:
+    """(marker, offset) of each marker from the one after SOI up to the first scan (SOS) or EOI.
+
+    Hops over each segment by its length, so bytes inside segments (an EXIF
+    thumbnail's own markers) are never mistaken for markers; stops early at
+    anything malformed.
+    """
     pos, end = start + 2, start + size
     for _ in range(_JPEG_MAX_SEGMENTS):
         if pos + 4 > end:
-            return None
+            return
         segment = read_at(stream, pos, 4)
         if len(segment) < 4 or segment[0] != 0xFF:
-            return None
+            return
         marker = segment[1]
         if marker == 0xFF:  # a fill byte before the marker
             pos += 1
-        elif marker in (0xD9, 0xDA):  # end of image, or scan data, before any frame header
-            return None
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            continue
+        yield marker, pos
+        if marker in (0xD9, 0xDA):
+            return
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
             pos += 2
-        elif marker in _JPEG_SOF_MARKERS:
-            frame = stream.read(5)  # precision, height, width
+            continue
+        (length,) = struct.unpack_from(">H", segment, 2)
+        if length < 2:
+            return
+        pos += 2 + length
+
+
+def _jpeg_dims(stream: BinaryIO, start: int, size: int) -> tuple[int, int] | None:
+    """From the first frame header (SOFn), hopping over the segments before it."""
+    for marker, pos in _jpeg_segments(stream, start, size):
+        if marker in (0xD9, 0xDA):  # end of image, or scan data, before any frame header
+            return None
+        if marker in _JPEG_SOF_MARKERS:
+            frame = read_at(stream, pos + 4, 5)  # precision, height, width
             if len(frame) < 5:
                 return None
             height, width = struct.unpack_from(">HH", frame, 1)
             return width, height
-        else:
-            (length,) = struct.unpack_from(">H", segment, 2)
-            if length < 2:
-                return None
-            pos += 2 + length
     return None
+
+
+def _jpeg_image_ends_early(stream: BinaryIO, start: int, size: int) -> bool:
+    """Whether the JPEG's image ends (EOI) before the file does.
+
+    Motion Photos append a video after the picture and some cameras a vendor
+    trailer; decoders stop at EOI.  In the scan data after SOS every 0xFF byte
+    of the picture is stuffed (FF 00) or a restart marker, so the first FF D9
+    there is the end of the image.  Reads the file once, only for files whose
+    last bytes are not EOI.
+    """
+    scan = next((pos for marker, pos in _jpeg_segments(stream, start, size) if marker == 0xDA), None)
+    if scan is None:
+        return False
+    pos, end, carry = scan + 2, start + size, b""
+    while pos < end:
+        block = read_at(stream, pos, min(_JPEG_SCAN_BLOCK, end - pos))
+        if not block:
+            return False
+        if (carry + block).find(_JPEG_EOI) >= 0:
+            return True
+        carry, pos = block[-1:], pos + len(block)
+    return False

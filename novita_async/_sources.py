@@ -8,10 +8,11 @@ once per attempt.  Each kind of input the client accepts becomes one
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Union
@@ -23,7 +24,7 @@ from novita_async._errors import InvalidImageError, SourceChangedError
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["ImageInput", "ImageSource", "describe_input", "source_from_input"]
+__all__ = ["ImageInput", "ImageSource", "close_sources", "describe_input", "source_from_input"]
 
 #: What ``merge_face`` accepts for each image.
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], "Image.Image"]
@@ -53,6 +54,9 @@ class ImageSource:
     def open_sync(self) -> BinaryIO:
         """A seekable binary stream at the image's start, for header checks (blocking)."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release anything the header check kept open for the upload (idempotent)."""
 
     def _changed(self, got: int) -> SourceChangedError:
         return SourceChangedError(
@@ -136,6 +140,9 @@ class _PathSource(ImageSource):
     size: int
     #: What the header check read of a small file, kept for the next upload.
     _checked: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    #: The file the header check opened, kept for the next upload: the upload
+    #: then needs no open of its own and no thread hop to make it.
+    _opened: io.FileIO | None = field(default=None, init=False, repr=False, compare=False)
 
     async def chunks(self, chunk_size: int) -> AsyncIterator[bytes | memoryview]:
         checked, self._checked = self._checked, None
@@ -175,7 +182,8 @@ class _PathSource(ImageSource):
         the same buffer, valid until the next one is asked for (the encoder
         consumes it at once), so a file costs one buffer, not one per chunk.
         """
-        fd = await anyio.to_thread.run_sync(_open_read, self.path)
+        opened, self._opened = self._opened, None
+        fd = opened.fileno() if opened is not None else await anyio.to_thread.run_sync(_open_read, self.path)
         try:
             # At least one byte: the check for a file that grew reads into it.
             buffer = memoryview(bytearray(max(1, min(chunk_size, self.size))))
@@ -199,7 +207,10 @@ class _PathSource(ImageSource):
             if extra:
                 raise self._changed(self.size + 1)
         finally:
-            os.close(fd)
+            if opened is not None:
+                opened.close()
+            else:
+                os.close(fd)
 
     def open_sync(self) -> BinaryIO:
         if self.size <= _READ_WHOLE_BELOW:
@@ -212,7 +223,18 @@ class _PathSource(ImageSource):
             if len(data) == self.size:
                 self._checked = data
             return io.BytesIO(data)
-        return self.path.open("rb")
+        if _RWF_NOWAIT is None:
+            return self.path.open("rb")
+        handle = self.path.open("rb", buffering=0)
+        self.close()
+        self._opened = handle
+        # Buffered for Pillow's small reads; closing the reader leaves the file open.
+        return io.BufferedReader(_NonClosing(handle, 0))
+
+    def close(self) -> None:
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            opened.close()
 
     def _read_whole(self) -> bytes:
         """Read a file of at most one chunk (blocking), refusing one that changed size."""
@@ -302,6 +324,13 @@ async def _read_exactly(source: ImageSource, handle: IO[bytes], chunk_size: int)
     # One more byte means the file grew while we read it.
     if await anyio.to_thread.run_sync(handle.read, 1):
         raise source._changed(source.size + 1)
+
+
+def close_sources(sources: Iterable[ImageSource]) -> None:
+    """Close every source; they hold only read-only files, whose close loses nothing."""
+    for source in sources:
+        with contextlib.suppress(OSError):
+            source.close()
 
 
 def describe_input(value: object) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import itertools
 import os
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -734,3 +736,52 @@ async def test_text_mode_file_is_refused(emulator: Emulator, tmp_path: Path) -> 
             await client.merge_face(handle, TARGET)  # type: ignore[arg-type]  # deliberately text
     assert info.value.rule == "type"
     assert emulator.stats.requests == 0
+
+
+def big_png(seed: int) -> bytes:
+    """A valid noise PNG over 1 MiB (the size above which the header check keeps the file open)."""
+    noise = Image.frombytes("RGB", (620, 620), bytes((i * 7 + seed) % 251 for i in range(620 * 620 * 3)))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG", compress_level=0)
+    assert len(buffer.getvalue()) > 1024 * 1024
+    return buffer.getvalue()
+
+
+def open_files() -> int:
+    """File descriptors this process has open (Linux)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+async def test_large_inputs_leave_no_file_open(
+    emulator_factory: Callable[..., Emulator], tmp_path: Path
+) -> None:
+    """Files the header check keeps open for the upload are closed on every path:
+    a success, a retried success, a bad second input, and a job cancelled before sending."""
+    face, image, bad = tmp_path / "face.png", tmp_path / "image.png", tmp_path / "bad.png"
+    face.write_bytes(big_png(1))
+    image.write_bytes(big_png(2))
+    bad.write_bytes(b"not an image at all" * 100)
+    with warnings.catch_warnings(record=True) as caught:
+        # A file left open is closed when collected, with a ResourceWarning: record them.
+        warnings.simplefilter("always", ResourceWarning)
+        async with emulator_factory(faults=Faults(fail_first=1)) as emu, client_for(emu) as client:
+            await client.merge_face(image, face, output=tmp_path / "warm.png")  # opens the session's socket
+            before = open_files()
+            result = await client.merge_face(face, image, output=tmp_path / "out.png")
+            assert result.attempts == 2  # the retry read the files again, from a fresh open
+            with Image.open(tmp_path / "out.png") as merged:
+                assert merged.size == (620, 620)
+            with pytest.raises(na.InvalidImageError, match="image"):
+                await client.merge_face(face, bad)
+            assert emu.stats.requests == 4  # warm and out, 2 attempts each; the bad pair was never sent
+            assert open_files() == before
+        async with emulator_factory() as emu, client_for(emu, requests_per_minute=1) as slow:
+            await slow.merge_face(face, image)
+            with anyio.move_on_after(0.5) as scope:
+                # Checked (files kept open), then waiting a minute for its turn: cancelled there.
+                await slow.merge_face(face, image)
+            assert scope.cancelled_caught
+            assert emu.stats.requests == 1
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -135,6 +135,24 @@ def mpo(frames: int = 2) -> bytes:
     return encode(images[0], "MPO", save_all=True, append_images=images[1:])
 
 
+def motion_photo(jpeg: bytes) -> bytes:
+    """A Motion Photo's layout: the picture, then an MP4 video after its EOI (no EOI at the end)."""
+    video = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(range(256)) * 64
+    return jpeg + video
+
+
+def with_thumbnail(jpeg: bytes) -> bytes:
+    """``jpeg`` with an APP1 segment holding a whole small JPEG (its own FF D9 inside)."""
+    thumbnail = encode(photo((16, 16)), "JPEG")
+    payload = b"Exif\x00\x00" + thumbnail
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+def cut_in_scan(jpeg: bytes) -> bytes:
+    """``jpeg`` cut 100 bytes into its picture's scan data (after its last SOS marker)."""
+    return jpeg[: jpeg.rfind(b"\xff\xda") + 100]
+
+
 def corpus_files() -> dict[str, Callable[[], bytes]]:
     """Every corpus file by name, as a function that makes its bytes."""
     png = encode(photo((64, 48)), "PNG")
@@ -154,6 +172,7 @@ def corpus_files() -> dict[str, Callable[[], bytes]]:
         "lossless.webp": lambda: encode(photo((30, 40)), "WEBP", lossless=True),
         "exif6.jpg": exif_rotated_jpeg,
         "mpo.jpg": mpo,
+        "motion_photo.jpg": lambda: motion_photo(jpeg),
         "max_2048.png": lambda: encode(Image.new("RGB", (2048, 2048)), "PNG"),
         "min_16.png": lambda: encode(Image.new("RGB", (16, 16)), "PNG"),
         "garbage_pixels.png": png_with_garbage_pixels,
@@ -168,6 +187,8 @@ def corpus_files() -> dict[str, Callable[[], bytes]]:
         "jpeg_no_frame.jpg": lambda: b"\xff\xd8\xff\xfe\x00\x04hi" + b"\xff\xd9",
         "jpeg_cut.jpg": lambda: jpeg[: len(jpeg) // 2],
         "jpeg_cut_header.jpg": lambda: jpeg[:30],
+        # Cut in the scan, then more data: the thumbnail's FF D9 must not count as the end.
+        "jpeg_thumb_cut_trailing.jpg": lambda: cut_in_scan(with_thumbnail(jpeg)) + b"junk" * 100,
         "webp_cut.webp": lambda: webp[: len(webp) // 2],
         "webp_trailing.webp": lambda: webp + b"junk",
         "big_4096.png": lambda: encode(Image.new("RGB", (4096, 4096)), "PNG"),
@@ -255,6 +276,7 @@ def assert_message(
         pytest.param("lossless.webp", ImageInfo("WEBP", 30, 40, 0, "RGB"), id="webp-lossless"),
         pytest.param("exif6.jpg", ImageInfo("JPEG", 64, 32, 0, "RGB"), id="jpeg-exif-rotated"),
         pytest.param("mpo.jpg", ImageInfo("JPEG", 48, 48, 0, "RGB"), id="jpeg-multi-picture"),
+        pytest.param("motion_photo.jpg", ImageInfo("JPEG", 64, 48, 0, "RGB"), id="jpeg-motion-photo"),
         pytest.param("max_2048.png", ImageInfo("PNG", 2048, 2048, 0, "RGB"), id="at-max-side"),
         pytest.param("min_16.png", ImageInfo("PNG", 16, 16, 0, "RGB"), id="at-min-side"),
     ],
@@ -296,6 +318,7 @@ def test_valid_images_are_accepted(corpus: dict[str, Path], name: str, expected:
         pytest.param("png_cut_header.png", "truncated", "IEND", id="png-cut-in-header"),
         pytest.param("jpeg_cut.jpg", "truncated", "FF D9", id="jpeg-cut"),
         pytest.param("jpeg_cut_header.jpg", "truncated", "FF D9", id="jpeg-cut-in-header"),
+        pytest.param("jpeg_thumb_cut_trailing.jpg", "truncated", "FF D9", id="jpeg-cut-then-data"),
         pytest.param("webp_cut.webp", "truncated", "RIFF header", id="webp-cut"),
         pytest.param("webp_trailing.webp", "truncated", "RIFF header", id="webp-trailing-data"),
         pytest.param("cmyk.jpg", "color_mode", "CMYK", id="jpeg-cmyk"),
