@@ -23,14 +23,28 @@ METHOD = """## How it is measured
   settings: `NovitaClient(max_concurrency=C)` and `client.batch(jobs, output_dir=...)`
   over a lazy generator of `MergeJob` (default validation, retries and pacing on).
 - **Isolation.** Each run is a fresh `python -m benchmarks._child` process against a fresh
-  emulator process (`python -m novita_async serve --port 0 --engine composite`), so the
-  emulator's memory and CPU are not the client's and no run inherits another's state.
+  emulator process (`python -m novita_async serve --port 0 --engine composite
+  --png-level 0`), so the emulator's memory and CPU are not the client's and no run
+  inherits another's state. `--png-level 0` makes the emulator store its PNG results
+  uncompressed (filter 0, stored deflate blocks: a few memcpys) instead of Pillow's
+  level 1 (~60 ms of CPU per 2 MB noise image, which compresses by nothing): with 2 cores
+  for both processes, the emulator's CPU otherwise crowded the client's and turned the
+  issue's latency-bound cells CPU-bound.
+- **Files.** Inputs and results live in a RAM-backed folder (`/dev/shm`) when there is
+  one, and each run starts from an empty results folder. On this VM's disk (ext4 without
+  a journal) creating a file after many deletions scans past the recently freed inodes,
+  so whichever client ran later in a cell paid for the earlier runs' deleted results
+  (perf: up to half of a small job's CPU, in `__ext4_new_inode`); tmpfs has no such state
+  and no writeback competing for the cores.
 - **Images.** Random-noise PNGs saved with `compress_level=0` at exactly 100,000 /
   2,000,000 / 20,000,000 bytes (180 px RGB / 808 px RGB / 2048 px RGBA, topped up with an
   ancillary `bnCh` chunk after the image data). Noise does not compress, so the merged
   result the emulator returns is as large as the input pixels (about 97 KB / 2 MB /
   12.6 MB of PNG).
-- **Throughput** = jobs / seconds from the first job started to the last one written.
+- **Throughput** = settled jobs per second: the jobs finished after the first C (the
+  first round pays the cold start once: connections, lazy imports, a new folder) over
+  the seconds from the C-th to the last (with fewer than three rounds of jobs, the whole
+  run's rate). `results.json` also keeps the whole-run rate (`overall_throughput`).
   **Ideal** = C / (latency + the emulator's own time per request), where the emulator
   measures its own time per request (`handling_seconds` in `/_emulator/stats`: from the
   body received to the answer ready, including waiting for one of its 2 merge workers,
@@ -116,10 +130,9 @@ def _why(report: Report, name: str, wheres: list[str]) -> str:
             else:
                 parts.append(f"{size} at C={concurrency}: latency-bound; the gap is the "
                              "client's own per-job latency")
-        return ("On this machine these cells are CPU-bound, not latency-bound: "
-                + "; ".join(parts) + ". The emulator's cost is mostly Pillow's PNG encode of a "
-                "noise image; against a remote API these cells would be latency-bound. Compare "
-                "the peers within a cell: they share its ideal.")
+        return ("; ".join(parts) + ". Against a remote API the emulator's CPU would not "
+                "share this machine's 2 cores with the client. Compare the peers within a "
+                "cell: they share its ideal.")
     if name == "CPU per job vs floor":
         ratios = []
         for where in wheres:
