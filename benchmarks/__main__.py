@@ -141,11 +141,11 @@ def _fits(client: str, pair: ImagePair, concurrency: int) -> bool:
     return need < 0.75 * _available_memory()
 
 
-def run_grid(plan: Plan, work: Path, clients: tuple[str, ...], sizes: tuple[str, ...],
+def run_grid(plan: Plan, work: Folders, clients: tuple[str, ...], sizes: tuple[str, ...],
              report: Report) -> None:
     """Every size x concurrency x client, each against a fresh emulator."""
     for size in sizes:
-        pair = make_pair(size, work / "images")
+        pair = make_pair(size, work.images)
         for concurrency in plan.grid[size]:
             jobs = plan.jobs(size, concurrency)
             for client in clients:
@@ -155,7 +155,7 @@ def run_grid(plan: Plan, work: Path, clients: tuple[str, ...], sizes: tuple[str,
                                     {"error": "skipped: would not fit in memory"}, None,
                                     input_bytes=pair.input_bytes)
                     continue
-                out_dir = work / "out"
+                out_dir = work.results
                 shutil.rmtree(out_dir, ignore_errors=True)
                 out_dir.mkdir(parents=True)
                 with EmulatorProcess(latency=LATENCY) as emulator:
@@ -171,7 +171,7 @@ def run_grid(plan: Plan, work: Path, clients: tuple[str, ...], sizes: tuple[str,
                 row = report.add_grid(size, concurrency, client, jobs, result, delta,
                                       input_bytes=pair.input_bytes)
                 _log(f"grid {size} C={concurrency} {client}: {row.summary()}")
-        shutil.rmtree(work / "out", ignore_errors=True)
+        shutil.rmtree(work.results, ignore_errors=True)
 
 
 def _write_manifest(path: Path, rows: int, pair: ImagePair) -> None:
@@ -184,13 +184,13 @@ def _write_manifest(path: Path, rows: int, pair: ImagePair) -> None:
                                  for i in range(start, min(rows, start + block))))
 
 
-def run_manifests(plan: Plan, work: Path, report: Report) -> None:
+def run_manifests(plan: Plan, work: Folders, report: Report) -> None:
     """Peak RSS and time to first request for lazy manifests of growing size."""
-    pair = make_pair("small", work / "images")
+    pair = make_pair("small", work.images)
     for rows in plan.manifest_rows:
-        manifest = work / "images" / f"manifest-{rows}.csv"
+        manifest = work.images / f"manifest-{rows}.csv"
         _write_manifest(manifest, rows, pair)
-        out_dir = work / "out"
+        out_dir = work.results
         shutil.rmtree(out_dir, ignore_errors=True)
         with EmulatorProcess(latency=0.0) as emulator:
             spec = {"kind": "manifest", "url": emulator.url, "api_key": emulator.api_key,
@@ -207,11 +207,11 @@ def run_manifests(plan: Plan, work: Path, report: Report) -> None:
         _log(f"manifest {rows:,} rows: {row.summary()}")
 
 
-def run_pacing(plan: Plan, work: Path, report: Report) -> None:
+def run_pacing(plan: Plan, work: Folders, report: Report) -> None:
     """Fixed and adaptive pace against the emulator's rate limit."""
-    pair = make_pair("small", work / "images")
+    pair = make_pair("small", work.images)
     for mode, rpm in (("fixed", plan.pacing_rpm), ("adaptive", None)):
-        out_dir = work / "out"
+        out_dir = work.results
         shutil.rmtree(out_dir, ignore_errors=True)
         with EmulatorProcess(latency=LATENCY, rpm=plan.pacing_rpm,
                              burst=plan.pacing_burst) as emulator:
@@ -248,12 +248,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-#: Free space the scratch folder needs: the inputs and one run's results at a time.
+@dataclasses.dataclass(frozen=True)
+class Folders:
+    """Where a run's inputs are (the system's temporary folder) and its results go."""
+
+    images: Path
+    results: Path
+
+
+#: Free space the results folder needs: one run's results at a time.
 _SCRATCH_NEEDS = 4 * 1024**3
 
 
 def scratch_root() -> str | None:
-    """Where inputs and results go: a RAM-backed folder when the machine has one.
+    """Where results go: a RAM-backed folder when the machine has one.
 
     Every client's results are files, and each run starts from an empty folder.
     On a disk, the clients that run later in a cell would create their files
@@ -261,6 +269,9 @@ def scratch_root() -> str | None:
     past recently deleted inodes on every create: measured up to half of a
     small job's CPU), and writeback of earlier runs' results would compete for
     the 2 cores.  tmpfs has neither, so every client meets the same file system.
+    Inputs stay on the disk, read from its page cache as a dataset would be
+    (tmpfs does not support preadv2's RWF_NOWAIT, so novita_async would read
+    files there in worker threads, one hop per 384 KiB).
     """
     shm = "/dev/shm"
     try:
@@ -273,8 +284,9 @@ def scratch_root() -> str | None:
 
 def _describe_scratch(root: str | None) -> str:
     if root is None:
-        return f"{tempfile.gettempdir()} (the system's temporary folder)"
-    return f"{root} (tmpfs: results are written to RAM-backed files)"
+        return f"inputs and results in {tempfile.gettempdir()}"
+    return (f"inputs in {tempfile.gettempdir()} (page cache), results in {root} (tmpfs: "
+            "RAM-backed files, no state left by earlier runs)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(mode=plan.mode, command=command, latency=LATENCY, floor=floor)
     scratch = scratch_root()
     report.machine["scratch"] = _describe_scratch(scratch)
-    work = Path(tempfile.mkdtemp(prefix="novita-bench-", dir=scratch))
+    work = Folders(images=Path(tempfile.mkdtemp(prefix="novita-bench-inputs-")),
+                   results=Path(tempfile.mkdtemp(prefix="novita-bench-results-", dir=scratch)))
     try:
         if "grid" in sections:
             run_grid(plan, work, clients, sizes, report)
@@ -309,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         if "pacing" in sections:
             run_pacing(plan, work, report)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work.images, ignore_errors=True)
+        shutil.rmtree(work.results, ignore_errors=True)
     report.finish(time.monotonic() - started)
     _write(report, args.out)
     _log(f"done in {report.total_seconds / 60:.1f} min")

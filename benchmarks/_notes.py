@@ -30,17 +30,13 @@ METHOD = """## How it is measured
   level 1 (~60 ms of CPU per 2 MB noise image, which compresses by nothing): with 2 cores
   for both processes, the emulator's CPU otherwise crowded the client's and turned the
   issue's latency-bound cells CPU-bound.
-- **Files.** Inputs and results live in a RAM-backed folder (`/dev/shm`) when there is
-  one, and each run starts from an empty results folder. On this VM's disk (ext4 without
-  a journal) creating a file after many deletions scans past the recently freed inodes,
-  so whichever client ran later in a cell paid for the earlier runs' deleted results
-  (perf: up to half of a small job's CPU, in `__ext4_new_inode`); tmpfs has no such state
-  and no writeback competing for the cores.
-- **Images.** Random-noise PNGs saved with `compress_level=0` at exactly 100,000 /
-  2,000,000 / 20,000,000 bytes (180 px RGB / 808 px RGB / 2048 px RGBA, topped up with an
-  ancillary `bnCh` chunk after the image data). Noise does not compress, so the merged
-  result the emulator returns is as large as the input pixels (about 97 KB / 2 MB /
-  12.6 MB of PNG).
+- **Files.** Inputs are read from the system's temporary folder (in the page cache, as a
+  dataset being processed would be); results go to a RAM-backed folder (`/dev/shm`) when
+  there is one, and each run starts from an empty results folder. On this VM's disk (ext4
+  without a journal) creating a file after many deletions scans past the recently freed
+  inodes, so whichever client ran later in a cell paid for the earlier runs' deleted
+  results (perf: up to half of a small job's CPU, in `__ext4_new_inode`); tmpfs keeps no
+  such state and has no writeback competing for the cores.
 - **Throughput** = settled jobs per second: the jobs finished after the first C (the
   first round pays the cold start once: connections, lazy imports, a new folder) over
   the seconds from the C-th to the last (with fewer than three rounds of jobs, the whole

@@ -388,7 +388,7 @@ after `pip install -e '.[bench]'`.
 | load average (1/5/15 min) | {self._load(self.load_start)} at the start, {self._load(self.load_end)} at the end |
 | other processes | {self._others()} |
 | floor costs | {self._floor_costs()} |
-| inputs and results | {m.get('scratch', 'the system temporary folder')} |
+| files | {m.get('scratch', 'inputs and results in the system temporary folder')} |
 
 ## Targets (issue 5)
 
