@@ -58,7 +58,7 @@ class Plan:
 QUICK = Plan(
     mode="quick",
     grid={"small": (8, 32, 64, 128), "medium": (8, 32, 128), "large": (8, 32)},
-    rounds={"small": (8, 80, 1024), "medium": (4, 64, 128), "large": (1, 16, 32)},
+    rounds={"small": (8, 80, 1024), "medium": (16, 64, 128), "large": (1, 16, 32)},
     manifest_rows=(10_000, 1_000_000),
     manifest_stop_after=1500,
     manifest_concurrency=32,

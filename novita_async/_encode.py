@@ -19,7 +19,7 @@ from novita_async._config import READ_CHUNK
 from novita_async._errors import InvalidImageError, NovitaError
 from novita_async._sources import ImageSource
 
-__all__ = ["RequestBody", "b64_length", "body_parts", "build_extra"]
+__all__ = ["RequestBody", "b64_length", "body_parts", "build_extra", "coalesce"]
 
 
 def b64_length(size: int) -> int:
@@ -89,18 +89,22 @@ class RequestBody:
         return self._generate()
 
     async def _generate(self) -> AsyncIterator[bytes | memoryview]:
-        prefix, middle, suffix = self._parts
         try:
-            yield prefix
-            async for piece in self._encode(self.face):
+            async for piece in coalesce(self._pieces(), b64_length(self.chunk_size)):
                 yield piece
-            yield middle
-            async for piece in self._encode(self.image):
-                yield piece
-            yield suffix
         except Exception as exc:
             self.error = exc
             raise
+
+    async def _pieces(self) -> AsyncIterator[bytes | memoryview]:
+        prefix, middle, suffix = self._parts
+        yield prefix
+        async for piece in self._encode(self.face):
+            yield piece
+        yield middle
+        async for piece in self._encode(self.image):
+            yield piece
+        yield suffix
 
     async def _encode(self, source: ImageSource) -> AsyncIterator[bytes | memoryview]:
         try:
@@ -119,3 +123,41 @@ class RequestBody:
                 "aborted and not retried.",
                 input_name=source.input_name, source=source.description, rule="unreadable",
             ) from exc
+
+
+#: A run of pieces smaller than this is joined onto the large piece after it.
+_GLUE_BYTES = 16 * 1024
+
+
+async def coalesce(
+    pieces: AsyncIterator[bytes | memoryview], limit: int
+) -> AsyncIterator[bytes | memoryview]:
+    """Join consecutive pieces up to ``limit`` bytes, so each write to the socket is a big one.
+
+    Every piece aiohttp is given becomes a send(2), and on loopback each one
+    also runs the receiver's TCP processing and wakes it: a small image's body
+    would otherwise be five sends (prefix, face, middle, image, suffix) where
+    one does.  A large piece goes out as it is (no copy), except that a few
+    bytes of JSON before it are joined onto it rather than sent alone.  The
+    pieces must not change after they are yielded (the encoder's are fresh bytes).
+    """
+    pending: list[bytes | memoryview] = []
+    size = 0
+    async for piece in pieces:
+        length = len(piece)
+        if size + length <= limit:
+            pending.append(piece)
+            size += length
+            continue
+        if pending:
+            if size < _GLUE_BYTES:
+                piece, length = b"".join([*pending, piece]), size + length
+            else:
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
+            pending, size = [], 0
+        if length >= limit:
+            yield piece
+        else:
+            pending, size = [piece], length
+    if pending:
+        yield pending[0] if len(pending) == 1 else b"".join(pending)

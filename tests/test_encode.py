@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import novita_async as na
 from novita_async import _sources
 from novita_async._config import READ_CHUNK
-from novita_async._encode import RequestBody, b64_length, body_parts, build_extra
+from novita_async._encode import RequestBody, b64_length, body_parts, build_extra, coalesce
 from novita_async._sources import ImageSource, buffer_source, source_from_input
 
 from .conftest import request_json
@@ -306,3 +311,48 @@ async def test_unreadable_input_is_an_image_error(tmp_path: Path, how: str) -> N
     assert info.value.input_name == "face_image"
     assert not info.value.retryable
     assert body.error is info.value
+
+
+async def pieces_of(sizes: list[int], limit: int) -> tuple[list[bytes | memoryview], list[bytes]]:
+    """Run ``coalesce`` over pieces of the given sizes (distinct bytes); return (outputs, inputs)."""
+    inputs = [bytes([index % 251]) * size for index, size in enumerate(sizes)]
+
+    async def source() -> AsyncIterator[bytes | memoryview]:
+        for piece in inputs:
+            yield piece
+
+    return [piece async for piece in coalesce(source(), limit)], inputs
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(0, 300), max_size=30), limit=st.integers(1, 400))
+def test_coalesce_keeps_the_bytes_and_merges_all_it_can(sizes: list[int], limit: int) -> None:
+    """The bytes are unchanged, and no two neighbouring writes would have fitted in one."""
+    outputs, inputs = anyio.run(pieces_of, sizes, limit)
+    assert b"".join(outputs) == b"".join(inputs)
+    lengths = [len(piece) for piece in outputs]
+    assert all(a + b > limit for a, b in itertools.pairwise(lengths))
+    # A write is at most one piece larger than the limit (the glue joined onto a large piece).
+    assert all(n <= limit + max(sizes, default=0) for n in lengths)
+
+
+async def test_coalesce_sends_a_small_body_in_one_write_and_large_pieces_uncopied() -> None:
+    """A small image's whole body is one write; a large piece goes out as the same object."""
+    body = RequestBody(buffer_source(FACE, "face_image", "face"), buffer_source(IMAGE, "image", "image"))
+    assert len([piece async for piece in body.stream()]) == 1
+    big = b"x" * 100_000
+
+    async def source() -> AsyncIterator[bytes | memoryview]:
+        yield big
+        yield big
+
+    written = [piece async for piece in coalesce(source(), 100_000)]
+    assert len(written) == 2
+    assert written[0] is big and written[1] is big
+
+
+async def test_coalesce_joins_a_few_bytes_of_json_onto_the_next_large_piece() -> None:
+    """The prefix before a full chunk is joined onto it rather than sent alone."""
+    outputs, inputs = await pieces_of([20, 1000, 1000, 16], 1000)
+    assert [len(piece) for piece in outputs] == [1020, 1016]
+    assert b"".join(outputs) == b"".join(inputs)
