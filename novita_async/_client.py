@@ -43,7 +43,6 @@ from novita_async._sources import (
     _source_sync,
     buffer_source,
     close_sources,
-    source_from_input,
 )
 from novita_async._transport import send_merge_request
 from novita_async._version import __version__
@@ -239,17 +238,20 @@ class NovitaClient:
     async def _prepare(
         self, inputs: tuple[tuple[object, str], ...], auto_resize: bool
     ) -> list[ImageSource]:
-        """A source per ``(value, input_name)``, checked (stat and header) in one thread hop."""
-        if not self.validate:
-            return [await source_from_input(value, input_name) for value, input_name in inputs]
+        """A source per ``(value, input_name)``, opened and checked (stat and header) in one thread hop.
+
+        Opening reads a small file whole or keeps a large one open, for the
+        first upload, with or without the checks (``validate``).
+        """
         from novita_async import _images
 
         def open_and_check(value: object, input_name: str) -> tuple[ImageSource, InvalidImageError | None]:
             source = _source_sync(value, input_name)
             try:
                 with source.open_sync() as stream:
-                    _images.check_image(stream, size=source.size, input_name=input_name,
-                                        source=source.description)
+                    if self.validate:
+                        _images.check_image(stream, size=source.size, input_name=input_name,
+                                            source=source.description)
             except InvalidImageError as exc:
                 return source, exc
             except BaseException:

@@ -785,3 +785,22 @@ async def test_large_inputs_leave_no_file_open(
             assert emu.stats.requests == 1
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+async def test_without_validation_inputs_are_still_read_once_and_closed(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """validate=False skips the checks, not the single open: results match and no file stays open."""
+    face, image = tmp_path / "face.png", tmp_path / "image.png"
+    face.write_bytes(big_png(3))
+    image.write_bytes(TARGET)  # a small file: read whole when opened
+    async with client_for(emulator, validate=False) as client:
+        first = await client.merge_face(face, image)
+        before = open_files()
+        second = await client.merge_face(face, image)
+        assert open_files() == before
+    assert first.data == second.data and first.data is not None
+    with Image.open(io.BytesIO(first.data)) as merged:
+        assert merged.size == (96, 80)
+    assert emulator.stats.requests == 2
