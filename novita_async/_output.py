@@ -8,10 +8,11 @@ reader (and no resumed batch) ever sees a partial image under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import secrets
 import socket
-import tempfile
 from pathlib import Path
 
 import anyio.to_thread
@@ -24,6 +25,7 @@ __all__ = [
     "Sink",
     "atomic_write_bytes",
     "check_writable",
+    "create_temp_file",
     "sweep_stale_temp_files",
     "temp_prefix",
 ]
@@ -33,16 +35,8 @@ __all__ = [
 _WRITE_BATCH = 1024 * 1024
 
 
-def _read_umask() -> int:
-    # os.umask can only be read by setting it; do it once, at import, rather
-    # than racing other threads that create files later.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-#: Mode for results: what a plain open() would give (mkstemp makes 0600 files).
-_FILE_MODE = 0o666 & ~_read_umask()
+#: Temporary results are created like a plain open() would (mode 0666 less the umask).
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
 #: Temporary files are named ``.<name>.~<host>-<pid>~<random>.part``: hidden,
@@ -51,9 +45,43 @@ _FILE_MODE = 0o666 & ~_read_umask()
 _TEMP_OWNER = re.compile(r"^\..*\.~(?P<host>.+)-(?P<pid>\d+)~[^~]*\.part$")
 
 
+def _writer_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+#: ``<host>-<pid>`` of this process, refreshed in a forked child (two system
+#: calls saved per result).
+_WRITER = _writer_tag()
+
+
+def _refresh_writer_tag() -> None:
+    global _WRITER
+    _WRITER = _writer_tag()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_refresh_writer_tag)
+
+
 def temp_prefix(path: Path) -> str:
     """The prefix of the temporary file that becomes ``path``."""
-    return f".{path.name}.~{socket.gethostname()}-{os.getpid()}~"
+    return f".{path.name}.~{_WRITER}~"
+
+
+def create_temp_file(path: Path) -> tuple[int, str]:
+    """Create the hidden temporary file that becomes ``path``; return its descriptor and name (blocking).
+
+    Made with the mode a plain ``open()`` gives (0666 less the umask), so no
+    chmod is needed before it is renamed into place.
+    """
+    prefix = os.path.join(path.parent, temp_prefix(path))
+    for _ in range(100):
+        name = f"{prefix}{secrets.token_hex(4)}.part"
+        try:
+            return os.open(name, _CREATE_FLAGS, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", prefix)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -170,9 +198,7 @@ class FileSink(Sink):
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd, self._tmp = tempfile.mkstemp(
-                dir=self.path.parent, prefix=temp_prefix(self.path), suffix=".part"
-            )
+            self._fd, self._tmp = create_temp_file(self.path)
         except OSError as exc:
             raise self._fail(exc, "create a file in the folder of") from exc
 
@@ -200,7 +226,6 @@ class FileSink(Sink):
         try:
             os.close(self._fd)
             self._fd = None
-            os.chmod(self._tmp, _FILE_MODE)
             os.replace(self._tmp, self.path)
             self._tmp = None
         except OSError as exc:
@@ -254,11 +279,10 @@ def check_writable(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (blocking; used by ``save``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".part")
+    fd, tmp = create_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

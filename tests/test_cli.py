@@ -229,8 +229,11 @@ def test_fatal_error_exits_1_and_says_why(
     code, _, err = run_cli(capsys, "batch", manifest, "-o", tmp_path / "out", "--no-progress", "--concurrency", "2",
                            "--base-url", emu.url, "--api-key", "sk_not_this_one")
     assert code == 1
-    assert "not attempted 10" in err and "stopped early: AuthenticationError" in err
-    assert emu.stats.requests == 2
+    assert "stopped early: AuthenticationError" in err
+    # Both slots may send before the first 403 comes back, or the second may be stopped at the gate.
+    sent = emu.stats.requests
+    assert sent in (1, 2)
+    assert f"not attempted {12 - sent}" in err
 
 
 def test_ordered_reports_failures_in_manifest_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

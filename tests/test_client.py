@@ -804,3 +804,16 @@ async def test_without_validation_inputs_are_still_read_once_and_closed(
     with Image.open(io.BytesIO(first.data)) as merged:
         assert merged.size == (96, 80)
     assert emulator.stats.requests == 2
+
+
+async def test_result_files_get_the_mode_a_plain_open_gives(client: na.NovitaClient, tmp_path: Path) -> None:
+    """Streamed and saved results are readable like any file this process creates (0666 less the umask)."""
+    umask = os.umask(0o027)
+    try:
+        result = await client.merge_face(FACE, TARGET, output=tmp_path / "out.png")
+        copy = result.save(tmp_path / "copy.png")
+    finally:
+        os.umask(umask)
+    for path in (tmp_path / "out.png", copy):
+        assert path.stat().st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["copy.png", "out.png"]
