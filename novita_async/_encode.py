@@ -145,9 +145,16 @@ async def coalesce(
     size = 0
     async for piece in pieces:
         length = len(piece)
+        if not length:
+            continue
         if size + length <= limit:
             pending.append(piece)
             size += length
+            if size == limit:
+                # Full: send it now rather than hold it while the next piece is
+                # read and encoded (a held piece is one more buffer per upload).
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                pending, size = [], 0
             continue
         if pending:
             if size < _GLUE_BYTES:

@@ -354,5 +354,21 @@ async def test_coalesce_sends_a_small_body_in_one_write_and_large_pieces_uncopie
 async def test_coalesce_joins_a_few_bytes_of_json_onto_the_next_large_piece() -> None:
     """The prefix before a full chunk is joined onto it rather than sent alone."""
     outputs, inputs = await pieces_of([20, 1000, 1000, 16], 1000)
-    assert [len(piece) for piece in outputs] == [1020, 1016]
+    assert [len(piece) for piece in outputs] == [1020, 1000, 16]
     assert b"".join(outputs) == b"".join(inputs)
+
+
+async def test_coalesce_holds_no_full_piece() -> None:
+    """A piece that fills a write goes out before the next piece is asked for (bounded memory)."""
+    asked: list[int] = []
+    full = b"z" * 1000
+
+    async def source() -> AsyncIterator[bytes | memoryview]:
+        for index in range(3):
+            asked.append(index)
+            yield full
+
+    async for piece in coalesce(source(), 1000):
+        assert piece is full
+        assert len(asked) == 1  # yielded before the next piece was read
+        asked.clear()
