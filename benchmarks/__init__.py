@@ -1,7 +1,7 @@
 """Side-by-side benchmarks: novita_async against the tools users would otherwise use.
 
 Run ``python -m benchmarks`` from the repository root (after
-``pip install -e '.[bench]'``) for the quick grid (about 7 minutes on 2 cores),
+``pip install -e '.[bench]'``) for the quick grid (about 5 minutes on 2 cores),
 or ``python -m benchmarks --full`` for the bigger one.  Results go to
 ``benchmarks/RESULTS.md``, ``benchmarks/results.json`` and
 ``benchmarks/results.png``; ``--render`` rebuilds the last two from the JSON.
