@@ -32,6 +32,7 @@ from novita_async._errors import (
     ClientClosedError,
     ConfigurationError,
     InvalidImageError,
+    OutputError,
     RateLimitError,
 )
 from novita_async._output import FileSink, MemorySink, Sink, check_writable
@@ -236,12 +237,14 @@ class NovitaClient:
         return self._session
 
     async def _prepare(
-        self, inputs: tuple[tuple[object, str], ...], auto_resize: bool
+        self, inputs: tuple[tuple[object, str], ...], auto_resize: bool, output: Path | None = None
     ) -> list[ImageSource]:
         """A source per ``(value, input_name)``, opened and checked (stat and header) in one thread hop.
 
         Opening reads a small file whole or keeps a large one open, for the
-        first upload, with or without the checks (``validate``).
+        first upload, with or without the checks (``validate``).  The same hop
+        checks that ``output`` is not an existing folder: found out after the
+        request, that would be a paid result with nowhere to go.
         """
         from novita_async import _images
 
@@ -259,7 +262,7 @@ class NovitaClient:
                 raise
             return source, None
 
-        def check_all() -> list[tuple[ImageSource, InvalidImageError | None]]:
+        def check_all() -> tuple[list[tuple[ImageSource, InvalidImageError | None]], bool]:
             # One thread hop for every input's stat and header check: each hop
             # costs ~65 us of CPU and several wake-ups on a busy machine.
             checked: list[tuple[ImageSource, InvalidImageError | None]] = []
@@ -269,9 +272,9 @@ class NovitaClient:
             except BaseException:
                 close_sources(source for source, _ in checked)
                 raise
-            return checked
+            return checked, output is not None and os.path.isdir(output)
 
-        checked = await anyio.to_thread.run_sync(check_all)
+        checked, output_is_folder = await anyio.to_thread.run_sync(check_all)
         sources: list[ImageSource] = []
         try:
             for source, problem in checked:
@@ -295,6 +298,9 @@ class NovitaClient:
                 logger.info("%s (%s) resized to fit the API's limits (%s)", source.input_name,
                             source.description, problem.rule)
                 sources.append(buffer_source(data, source.input_name, f"{source.description} (resized)"))
+            if output is not None and output_is_folder:
+                raise OutputError(f"the output {output} is an existing folder, not a file: give the "
+                                  f"result a file name (such as {output / 'merged.png'})")
         except BaseException:
             close_sources(source for source, _ in checked)
             raise
@@ -345,10 +351,10 @@ class NovitaClient:
             )
         started = time.monotonic()
         resize = self.auto_resize if auto_resize is None else auto_resize
-        face, target = await self._prepare(((face_image, "face_image"), (image, "image")), resize)
+        out_path = Path(os.fspath(output)) if output is not None else None
+        face, target = await self._prepare(((face_image, "face_image"), (image, "image")), resize, out_path)
         try:
             body = RequestBody(face, target, build_extra(response_image_type, enterprise_plan))
-            out_path = Path(os.fspath(output)) if output is not None else None
             if out_path is not None and out_path.parent not in self._writable_folders:
                 # Before anything is sent: a result with nowhere to go is a paid request lost.
                 # Once per folder: probing creates and deletes a file, which per job

@@ -396,6 +396,19 @@ async def test_one_jobs_exception_never_cancels_the_others(client: na.NovitaClie
     assert isinstance(by_id["garbage"].error, na.InvalidImageError)
 
 
+async def test_a_job_whose_output_is_a_folder_fails_alone_unsent(
+    client: na.NovitaClient, emulator: Emulator, tmp_path: Path
+) -> None:
+    """A job naming an existing folder as its output fails with OutputError before it is sent."""
+    (tmp_path / "out" / "taken").mkdir(parents=True)
+    jobs = [na.MergeJob(*job_images(i), id=f"j{i}", output="taken" if i == 1 else None) for i in range(3)]
+    results = await collect(client.batch(jobs, output_dir=tmp_path / "out", progress=False))
+    by_id = {r.job.id: r for r in results}
+    assert by_id["j0"].ok and by_id["j2"].ok
+    assert by_id["j1"].status == "failed" and isinstance(by_id["j1"].error, na.OutputError)
+    assert emulator.stats.requests == 2
+
+
 async def test_results_in_memory_without_an_output_dir(client: na.NovitaClient) -> None:
     """With no output_dir each result carries the image bytes."""
     results = await collect(client.batch(memory_jobs(3), response_image_type="webp", progress=False))

@@ -242,16 +242,17 @@ async def test_failed_job_leaves_no_file(emulator: Emulator, tmp_path: Path) -> 
     assert os.listdir(tmp_path) == []
 
 
-async def test_unwritable_output(emulator: Emulator, tmp_path: Path) -> None:
-    """An output that cannot be written is an OutputError, not retried, with no temp left."""
+async def test_output_that_is_a_folder_is_refused_before_sending(emulator: Emulator, tmp_path: Path) -> None:
+    """An output path that is an existing folder is an OutputError before any request, even once
+    its parent folder is known to be writable; nothing is left behind."""
     blocker = tmp_path / "taken"
     blocker.mkdir()
     async with client_for(emulator) as client:
-        with pytest.raises(na.OutputError) as info:
-            await client.merge_face(FACE, TARGET, output=blocker)  # a directory
-    assert info.value.attempts == 1
-    assert emulator.stats.requests == 1
-    assert os.listdir(tmp_path) == ["taken"]
+        await client.merge_face(FACE, TARGET, output=tmp_path / "first.png")  # the folder is now known
+        with pytest.raises(na.OutputError, match=r"taken is an existing folder.*taken/merged\.png"):
+            await client.merge_face(FACE, TARGET, output=blocker)
+    assert emulator.stats.requests == 1  # only the first merge was sent
+    assert sorted(os.listdir(tmp_path)) == ["first.png", "taken"]
     assert os.listdir(blocker) == []
 
 
