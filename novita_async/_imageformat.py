@@ -191,12 +191,12 @@ def _jpeg_image_ends_early(stream: BinaryIO, start: int, size: int) -> bool:
     scan = next((pos for marker, pos in _jpeg_segments(stream, start, size) if marker == 0xDA), None)
     if scan is None:
         return False
-    pos, end, carry = scan + 2, start + size, b""
+    pos, end, last = scan + 2, start + size, b""
     while pos < end:
         block = read_at(stream, pos, min(_JPEG_SCAN_BLOCK, end - pos))
         if not block:
             return False
-        if (carry + block).find(_JPEG_EOI) >= 0:
+        if _JPEG_EOI in block or last + block[:1] == _JPEG_EOI:  # also split across two reads
             return True
-        carry, pos = block[-1:], pos + len(block)
+        last, pos = block[-1:], pos + len(block)
     return False

@@ -565,3 +565,16 @@ def test_fit_refuses_too_thin_to_fit(tmp_path: Path) -> None:
     with pytest.raises(InvalidImageError, match="below 16 pixels") as caught:
         fit_path(path)
     assert caught.value.rule == "min_resolution"
+
+
+@pytest.mark.parametrize("block", [2, 3, 5, 64])
+def test_end_of_picture_found_across_read_boundaries(
+    corpus: dict[str, Path], monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    """The search for FF D9 inside a file reads in blocks; a marker split between two is found."""
+    from novita_async import _imageformat
+
+    monkeypatch.setattr(_imageformat, "_JPEG_SCAN_BLOCK", block)
+    assert check_path(corpus["motion_photo.jpg"]).format == "JPEG"
+    with pytest.raises(InvalidImageError, match="rule truncated"):
+        check_path(corpus["jpeg_thumb_cut_trailing.jpg"])
