@@ -118,11 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status", help="summarise a run from its ledgers (all shards at once)",
         description="One summary across ledgers: done, failed by reason, not attempted, and with "
-                    "--manifest the jobs left. Reads only; safe while workers run.",
+                    "--manifest (or --faces and --images) the jobs left. Reads only; safe while workers run.",
     )
     status.add_argument("ledgers", nargs="+", metavar="LEDGER",
                         help="ledger files, or folders whose ledger*.jsonl files to read")
     status.add_argument("--manifest", metavar="FILE", help="the run's manifest, to count jobs left")
+    status.add_argument("--faces", metavar="DIR", help="for a run over two folders: its face folder")
+    status.add_argument("--images", metavar="DIR", help="for a run over two folders: its image folder")
+    status.add_argument("--pair", choices=("zip", "product"), default="zip",
+                        help="how that run paired the folders (default: zip)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     demo = sub.add_parser("demo", help="run a batch against a local emulator, offline",
@@ -304,8 +308,13 @@ def _shard_arg(text: str) -> tuple[int, int]:
 def _status_command(args: argparse.Namespace) -> int:
     from novita_async._status import run_status
 
+    if bool(args.faces) != bool(args.images):
+        raise UsageError("give both --faces DIR and --images DIR, as the batch had them")
+    if args.manifest and args.faces:
+        raise UsageError("give either --manifest or --faces/--images, not both")
     try:
-        status = run_status(args.ledgers, manifest=args.manifest)
+        jobs = jobs_from_folders(args.faces, args.images, pair=args.pair) if args.faces else None
+        status = run_status(args.ledgers, manifest=args.manifest, jobs=jobs)
     except (ManifestError, OSError) as exc:
         raise UsageError(str(exc)) from None
     if args.json:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from novita_async._jobs import JobStatus
+from novita_async._jobs import JobStatus, MergeJob
 from novita_async._ledger import read_ledger
-from novita_async._manifest import read_manifest
+from novita_async._manifest import BadRow, read_manifest
 from novita_async._shard import assign_id
 
 __all__ = ["LedgerCounts", "RunStatus", "ledger_files", "run_status"]
@@ -142,16 +142,20 @@ def run_status(
     ledgers: Sequence[str | os.PathLike[str]],
     *,
     manifest: str | os.PathLike[str] | None = None,
+    jobs: Iterable[MergeJob | BadRow] | None = None,
 ) -> RunStatus:
-    """Summarise a run from its ledgers (shards' or not), and what is left of a manifest.
+    """Summarise a run from its ledgers (shards' or not), and what is left of its jobs.
 
     Args:
         ledgers: Ledger files, or folders whose ``ledger*.jsonl`` files to read.
             A missing file counts as an empty ledger (a shard not started yet).
         manifest: The run's CSV/JSONL manifest: adds the jobs no ledger records.
+        jobs: The run's jobs, instead of a manifest (such as
+            ``jobs_from_folders(...)`` for a run over two folders).
 
     Raises:
         ManifestError: the manifest cannot be read.
+        ValueError: both ``manifest`` and ``jobs`` were given.
 
     Example:
         >>> print(run_status(["out/"], manifest="jobs.csv").table())  # doctest: +SKIP
@@ -171,7 +175,11 @@ def run_status(
                 merged[job_id] = record
         per_file.append((path, counts))
     total = LedgerCounts()
-    if manifest is None:
+    if manifest is not None and jobs is not None:
+        raise ValueError("give the run's manifest or its jobs, not both")
+    if manifest is not None:
+        jobs = read_manifest(manifest)
+    if jobs is None:
         for record in merged.values():
             total.add(record)
         return RunStatus(ledgers=per_file, total=total)
@@ -179,7 +187,7 @@ def run_status(
     # batch (done once, then skipped), so it counts once here too.
     seen: set[str] = set()
     never_run = recorded = 0
-    for position, item in enumerate(read_manifest(manifest)):
+    for position, item in enumerate(jobs):
         job_id, _ = assign_id(item, position)
         if job_id in seen:
             continue
