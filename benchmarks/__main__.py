@@ -239,6 +239,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="peers to run (default: official,naive,novita_async)")
     parser.add_argument("--only", choices=("grid", "manifest", "pacing"), action="append",
                         help="run only these sections (repeatable; default: all)")
+    parser.add_argument("--pacing-rpm", type=float, metavar="R",
+                        help="the emulator's limit for the pacing runs (default: 600/min)")
+    parser.add_argument("--pacing-seconds", type=float, metavar="S",
+                        help="length of each pacing run (default: 40); the first quarter is warm-up")
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: rebuild RESULTS.md and results.png from the "
                              "results.json in --out")
@@ -297,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         _write(report, args.out)
         return 0
     plan = FULL if args.full else QUICK
+    if args.pacing_rpm is not None:
+        plan = dataclasses.replace(plan, pacing_rpm=args.pacing_rpm)
+    if args.pacing_seconds is not None:
+        plan = dataclasses.replace(plan, pacing_seconds=args.pacing_seconds,
+                                   pacing_warmup=args.pacing_seconds / 4)
     sizes = tuple(s for s in args.sizes.split(",") if s)
     clients = tuple(c for c in args.clients.split(",") if c)
     unknown = [s for s in sizes if s not in SIZES] + [c for c in clients if c not in CLIENTS]

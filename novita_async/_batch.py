@@ -34,6 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from novita_async._client import send_gate
 from novita_async._errors import JobNotAttemptedError, OutputError
+from novita_async._gate import SendGate
 from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity, output_extension
 from novita_async._ledger import Ledger
 from novita_async._manifest import BadRow
@@ -138,6 +139,9 @@ class _Engine:
         self._flush_lock = anyio.Lock()
         self._fatal: BaseException | None = None
         self._stopping = False
+        # Checked before each attempt goes out; closing it ends the waits of
+        # jobs queued for their pacing turn or a retry (a stop is then prompt).
+        self._send_gate = SendGate(self._gate)
         self._ledger: Ledger | None = None
         self._group: anyio.abc.TaskGroup | None = None
         self._progress: Progress | None = None
@@ -148,6 +152,7 @@ class _Engine:
             self._stopping = True
             self.summary.interrupted = True
             logger.info("batch stopping: no new jobs; waiting for those in flight")
+            self._send_gate.close()
 
     # -- runner ----------------------------------------------------------
     async def run(self, send: MemoryObjectSendStream[JobResult]) -> None:
@@ -271,6 +276,7 @@ class _Engine:
             self._fatal = exc
             self.summary.stop_reason = f"{type(exc).__name__}: {exc}"
             logger.error("batch stopping early: %s", exc)
+            self._send_gate.close()
 
     async def _run_job(self, send: MemoryObjectSendStream[JobResult], index: int, job: MergeJob,
                        output: Path | None) -> None:
@@ -284,7 +290,7 @@ class _Engine:
         """Run one job to its end state; None when a graceful stop left it for a re-run."""
         started = time.monotonic()
         try:
-            token = send_gate.set(self._gate)
+            token = send_gate.set(self._send_gate)
             try:
                 result = await self._client.merge_face(
                     job.face_image, job.image,
@@ -432,7 +438,9 @@ class BatchRun:
         """Stop gracefully: take no new jobs, let those in flight finish.
 
         Iterate on to receive the in-flight jobs' results; the iteration then
-        ends.  Jobs not started are left without a ledger line, for a re-run.
+        ends.  Jobs not sent yet, including those waiting for their pacing turn
+        or a retry, stop at once and are left without a ledger line, for a
+        re-run.  Call it from the event loop's thread.
         """
         self._engine.stop()
 

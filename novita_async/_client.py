@@ -35,6 +35,7 @@ from novita_async._errors import (
     OutputError,
     RateLimitError,
 )
+from novita_async._gate import SendGate
 from novita_async._output import FileSink, MemorySink, Sink, check_writable
 from novita_async._pacing import Pacer, PacerProtocol
 from novita_async._result import MergeFaceResult
@@ -49,7 +50,7 @@ from novita_async._transport import send_merge_request
 from novita_async._version import __version__
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, Callable, Iterable
+    from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
     from types import TracebackType
 
     from novita_async._batch import BatchRun
@@ -70,9 +71,21 @@ _RESIZABLE_RULES = frozenset({"max_resolution", "max_size", "color_mode"})
 #: its own context): called just before every attempt is sent; an exception it
 #: returns is raised instead of sending.  This is how a batch that is stopping
 #: keeps queued jobs and retries from going out.
-send_gate: contextvars.ContextVar[Callable[[], BaseException | None] | None] = contextvars.ContextVar(
+send_gate: contextvars.ContextVar[SendGate | None] = contextvars.ContextVar(
     "novita_async_send_gate", default=None
 )
+
+
+def _gated_sleep(gate: SendGate | None) -> Callable[[float], Awaitable[None]]:
+    """The retry back-off's sleep: ended early by a closing gate (the next attempt then stops)."""
+    if gate is None:
+        return anyio.sleep
+
+    async def sleep(seconds: float) -> None:
+        with gate.waiting():
+            await anyio.sleep(seconds)
+
+    return sleep
 
 
 class _State(enum.Enum):
@@ -375,7 +388,8 @@ class NovitaClient:
                     raise
                 return image_type, sink
 
-            (image_type, sink), attempts = await retry_call(attempt, self.retry, what="merge-face")
+            (image_type, sink), attempts = await retry_call(
+                attempt, self.retry, what="merge-face", sleep=_gated_sleep(gate))
             data = sink.data if isinstance(sink, MemorySink) else None
             return MergeFaceResult(
                 image_type=image_type, path=out_path, data=data,
@@ -391,7 +405,7 @@ class NovitaClient:
         body: RequestBody,
         sink: Sink,
         requested: str,
-        gate: Callable[[], BaseException | None] | None = None,
+        gate: SendGate | None = None,
     ) -> str:
         """One attempt: take a slot, wait for the pace, send, stream the answer."""
         try:
@@ -403,10 +417,15 @@ class NovitaClient:
                 f"(max_concurrency={self.max_concurrency}); raise Timeout.pool or the concurrency"
             ) from None
         try:
-            await self.pacer.wait_turn()
-            stop = gate() if gate is not None else None
-            if stop is not None:
-                raise stop
+            if gate is None:
+                await self.pacer.wait_turn()
+            else:
+                if (stop := gate.check()) is None:
+                    with gate.waiting():  # a closing gate ends the wait for the turn
+                        await self.pacer.wait_turn()
+                    stop = gate.check()
+                if stop is not None:
+                    raise stop
             try:
                 image_type = await send_merge_request(
                     session, f"{self.base_url}{MERGE_FACE_PATH}", self._api_key, body, sink,

@@ -64,6 +64,7 @@ async def retry_call(
     *,
     what: str = "request",
     rng: random.Random | None = None,
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
 ) -> tuple[T, int]:
     """Call ``attempt(n)`` for n = 1, 2, ... until it succeeds or may not retry.
 
@@ -94,7 +95,7 @@ async def retry_call(
         wait=wait,
         retry=retry_if_exception(is_retryable),
         reraise=True,
-        sleep=anyio.sleep,
+        sleep=sleep,
         before_sleep=before_sleep,
     )
     number = 0

@@ -497,3 +497,49 @@ async def test_thousands_of_jobs_with_faults_stay_bounded(emulator_factory: Emul
     assert run.summary.ok == 3000 and run.summary.retries > 0
     assert len({line["id"] for line in ledger_lines(out / "ledger.jsonl")}) == 3000
     assert len(results_in(out)) == 3000 and temp_files(out) == []
+
+
+async def test_stop_does_not_wait_for_queued_pacing_turns(
+    emulator_factory: EmulatorFactory, tmp_path: Path
+) -> None:
+    """At 12 requests a minute, jobs queued for their turn stop at once, not one turn (5 s) each."""
+    out = tmp_path / "out"
+    async with emulator_factory() as emu, client_for(emu, max_concurrency=4, requests_per_minute=12) as client:
+        results = []
+        async with client.batch(memory_jobs(20), output_dir=out, ledger=out / "ledger.jsonl",
+                                progress=False) as run:
+            async for result in run:
+                results.append(result)
+                run.stop()  # the first result (sent at once); three more jobs wait 5, 10, 15 s
+                stopped = time.monotonic()
+        elapsed = time.monotonic() - stopped
+        requests = emu.stats.requests
+    assert elapsed < 2.0, f"the stop waited {elapsed:.1f} s for pacing turns"
+    assert [r.ok for r in results] == [True] and requests == 1
+    assert len(ledger_lines(out / "ledger.jsonl")) == 1  # the others are left for a re-run
+
+
+async def test_stop_ends_a_retry_back_off_at_once(emulator_factory: EmulatorFactory, tmp_path: Path) -> None:
+    """A job sleeping 30 s before its retry is left for a re-run as soon as the batch stops."""
+    slow_retry = na.RetryPolicy(max_attempts=3, initial_wait=30.0, max_wait=30.0)
+    out = tmp_path / "out"
+    async with emulator_factory(faults=Faults(fail_first=1, fail_first_kind="503")) as emu:
+        async with client_for(emu, max_concurrency=1, retry=slow_retry) as client:
+            results = []
+            async with client.batch(memory_jobs(2), output_dir=out, ledger=out / "ledger.jsonl",
+                                    progress=False) as run:
+
+                async def stop_soon() -> None:
+                    await anyio.sleep(0.5)  # both first attempts have failed; their retries wait 30 s
+                    run.stop()
+
+                started = time.monotonic()
+                async with anyio.create_task_group() as group:
+                    group.start_soon(stop_soon)
+                    results = [result async for result in run]
+            elapsed = time.monotonic() - started
+        requests = emu.stats.requests
+    assert elapsed < 3.0, f"the stop waited {elapsed:.1f} s for a retry back-off"
+    # Each job's first attempt went out (the slot is free during a back-off); no retry did.
+    assert results == [] and requests == 2
+    assert not (out / "ledger.jsonl").exists() or ledger_lines(out / "ledger.jsonl") == []

@@ -1,0 +1,51 @@
+"""The send gate: how a batch that is stopping keeps its queued work from going out.
+
+A batch sets one gate for the jobs it runs (through a context variable the
+client reads).  The client asks it just before each attempt is sent, and
+waits for its pacing turn and its retry back-off inside the gate's
+:meth:`SendGate.waiting` scope, so closing the gate ends those waits at once:
+with a pace of 10 requests a minute, 32 jobs queued for their turn would
+otherwise keep a graceful stop waiting for over three minutes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import anyio
+
+__all__ = ["SendGate"]
+
+
+class SendGate:
+    """Says whether an attempt may be sent, and interrupts waits when it closes.
+
+    Args:
+        check: Returns the exception to raise instead of sending, or None.
+            Closing the gate is expected to make it return one.
+    """
+
+    def __init__(self, check: Callable[[], BaseException | None]) -> None:
+        self._check = check
+        self._waiting: set[anyio.CancelScope] = set()
+
+    def check(self) -> BaseException | None:
+        """The exception to raise instead of sending now, or None to send."""
+        return self._check()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A wait that ends early, without an error, when the gate closes."""
+        scope = anyio.CancelScope()
+        self._waiting.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._waiting.discard(scope)
+
+    def close(self) -> None:
+        """End every wait in progress (call from the event loop's thread)."""
+        for scope in list(self._waiting):
+            scope.cancel()
