@@ -24,7 +24,7 @@ from novita_async._errors import InvalidImageError, SourceChangedError
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["ImageInput", "ImageSource", "close_sources", "describe_input", "source_from_input"]
+__all__ = ["ImageInput", "ImageSource", "buffer_source", "close_sources", "describe_input"]
 
 #: What ``merge_face`` accepts for each image.
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], "Image.Image"]
@@ -431,17 +431,6 @@ def _source_sync(value: object, input_name: str) -> ImageSource:
         "(str or os.PathLike), bytes, a binary file object or a PIL.Image.Image.",
         input_name=input_name, source=description, rule="type",
     )
-
-
-async def source_from_input(value: object, input_name: str) -> ImageSource:
-    """Turn a user's input into an :class:`ImageSource` (stat, seek or encode in a thread).
-
-    Raises:
-        InvalidImageError: unsupported type, missing or unreadable file.
-    """
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return _source_sync(value, input_name)
-    return await anyio.to_thread.run_sync(_source_sync, value, input_name)
 
 
 def buffer_source(data: bytes, input_name: str, description: str) -> ImageSource:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import ipaddress
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
+import anyio.to_thread
 import pytest
+from aiohttp import web
 from PIL import Image, ImageDraw
 
 import novita_async as na
+from novita_async._sources import ImageSource, _source_sync
 from novita_async.emulator import Emulator, EmulatorConfig
 
 #: Retries that never sleep for real: tests assert on behaviour, not on waits.
@@ -86,6 +91,43 @@ def make_image(
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+async def source_from_input(value: object, input_name: str) -> ImageSource:
+    """The source the client makes of an input (stat, seek or encode), in a worker thread as it does."""
+    return await anyio.to_thread.run_sync(_source_sync, value, input_name)
+
+
+def split(body: bytes, sizes: Iterable[int]) -> Iterator[bytes]:
+    """Cut ``body`` into consecutive chunks whose sizes cycle through ``sizes``."""
+    sizes = list(sizes)
+    position, index = 0, 0
+    while position < len(body):
+        size = sizes[index % len(sizes)]
+        yield body[position : position + size]
+        position += size
+        index += 1
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    app_or_handler: web.Application | Callable[[web.Request], Awaitable[web.StreamResponse]],
+    *, ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[str]:
+    """Serve an aiohttp app, or one handler for the merge-face route, on 127.0.0.1; yield its base URL."""
+    if isinstance(app_or_handler, web.Application):
+        app = app_or_handler
+    else:
+        app = web.Application()
+        app.router.add_post("/v3/merge-face", app_or_handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+        scheme = "https" if ssl_context is not None else "http"
+        yield f"{scheme}://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 def request_json(face: bytes, image: bytes, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 import novita_async as na
+from novita_async._config import DEFAULT_BASE_URL
 from novita_async._errors import error_from_response
 from novita_async._pacing import Pacer
 from novita_async._sources import _encode_pil
@@ -641,8 +642,10 @@ def test_arguments_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_default_base_url() -> None:
-    """Without argument or environment the public endpoint is used."""
-    assert na.NovitaClient(api_key="sk_x").base_url == "https://api.novita.ai"
+    """Without argument or environment the public endpoint (over HTTPS) is used; nothing is sent."""
+    client = na.NovitaClient(api_key="sk_x")
+    assert client.base_url == DEFAULT_BASE_URL
+    assert client.base_url.startswith("https://")
 
 
 def test_repr_never_shows_the_key() -> None:

@@ -8,7 +8,7 @@ import itertools
 import json
 import random
 import tracemalloc
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from novita_async import _b64
 from novita_async._decode import SuccessBodyDecoder
 from novita_async._errors import InvalidResponseError
+
+from .conftest import split
 
 # -- helpers -------------------------------------------------------------------
 
@@ -27,17 +29,6 @@ def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     if request.param == "stdlib":
         monkeypatch.setattr(_b64, "b64decode_strict", _b64._stdlib_b64decode_strict)
     return str(request.param)
-
-
-def split(body: bytes, sizes: Iterable[int]) -> Iterator[bytes]:
-    """Cut body into consecutive chunks whose sizes cycle through sizes."""
-    sizes = list(sizes)
-    pos, k = 0, 0
-    while pos < len(body):
-        size = sizes[k % len(sizes)]
-        yield body[pos : pos + size]
-        pos += size
-        k += 1
 
 
 def decode(

@@ -19,9 +19,9 @@ import novita_async as na
 from novita_async import _sources
 from novita_async._config import READ_CHUNK
 from novita_async._encode import RequestBody, b64_length, body_parts, build_extra, coalesce
-from novita_async._sources import ImageSource, buffer_source, source_from_input
+from novita_async._sources import ImageSource, buffer_source
 
-from .conftest import request_json
+from .conftest import request_json, source_from_input
 
 pytestmark = pytest.mark.anyio
 

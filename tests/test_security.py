@@ -21,7 +21,7 @@ import subprocess
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import novita_async as na
 from novita_async._cli import build_parser
 from novita_async.emulator import Emulator, EmulatorConfig, Faults
 
-from .conftest import make_image
+from .conftest import make_image, serving
 from .test_reliability import noise_png
 
 pytestmark = pytest.mark.anyio
@@ -75,8 +75,8 @@ def assert_no_key(texts: list[str]) -> None:
         assert KEY.encode().hex() not in text
 
 
-async def echo_server() -> tuple[web.AppRunner, str]:
-    """A misbehaving server that echoes the Authorization header in its error bodies."""
+def echo_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A misbehaving server's handler that echoes the Authorization header in its error bodies."""
 
     async def handler(request: web.Request) -> web.Response:
         await request.read()
@@ -85,13 +85,7 @@ async def echo_server() -> tuple[web.AppRunner, str]:
                 "metadata": {"authorization": auth, "key": auth.removeprefix("Bearer ")}}
         return web.json_response(body, status=500)
 
-    app = web.Application()
-    app.router.add_post("/v3/merge-face", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    return handler
 
 
 def _pairs(folder: Path, count: int) -> list[na.MergeJob]:
@@ -128,8 +122,7 @@ async def test_key_never_leaks_from_a_batch_at_debug(tmp_path: Path, caplog: pyt
             for result in results:
                 texts += [str(result), repr(result), *exception_texts(result.error)]
             texts.append(results[-1].error_reason or "")
-    runner, echo_url = await echo_server()
-    try:
+    async with serving(echo_handler()) as echo_url:
         async with na.NovitaClient(api_key=KEY, base_url=echo_url, retry=_FAST) as client:
             with pytest.raises(na.ServerError) as caught:
                 await client.merge_face(make_image(seed=1), make_image(seed=2))
@@ -140,8 +133,6 @@ async def test_key_never_leaks_from_a_batch_at_debug(tmp_path: Path, caplog: pyt
             f"{echo_url}/v3/merge-face", headers={"Authorization": f"Bearer {KEY}"}
         ) as response:
             assert KEY in await response.text()
-    finally:
-        await runner.cleanup()
     texts += [caplog.text, bar_output.getvalue(), (tmp_path / "a.jsonl").read_text(),
               (tmp_path / "b.jsonl").read_text()]
     texts += [record.getMessage() for record in caplog.records]
@@ -158,18 +149,9 @@ async def test_html_error_body_echoing_the_key_is_redacted() -> None:
         return web.Response(status=502, content_type="text/html",
                             text=f"<html>upstream refused {request.headers.get('Authorization')}</html>")
 
-    app = web.Application()
-    app.router.add_post("/v3/merge-face", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        async with na.NovitaClient(api_key=KEY, base_url=url, retry=_FAST) as client:
-            with pytest.raises(na.ServerError) as caught:
-                await client.merge_face(make_image(seed=1), make_image(seed=2))
-    finally:
-        await runner.cleanup()
+    async with serving(handler) as url, na.NovitaClient(api_key=KEY, base_url=url, retry=_FAST) as client:
+        with pytest.raises(na.ServerError) as caught:
+            await client.merge_face(make_image(seed=1), make_image(seed=2))
     assert caught.value.status == 502
     assert b"<redacted>" in caught.value.body
     assert_no_key(list(exception_texts(caught.value)))
@@ -240,26 +222,20 @@ async def test_tls_verification_is_on_by_default(self_signed: tuple[Path, Path])
     cert, key = self_signed
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    async with Emulator(EmulatorConfig(engine="composite")) as emulator:
-        runner = web.AppRunner(emulator.app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context).start()
-        url = f"https://127.0.0.1:{runner.addresses[0][1]}"
-        try:
-            async with na.NovitaClient(api_key=emulator.api_key, base_url=url, retry=_FAST) as client:
-                with pytest.raises(na.APIConnectionError) as caught:
-                    await client.merge_face(make_image(seed=1), make_image(seed=2))
-            assert "certificate verify failed" in str(caught.value).lower()
-            assert caught.value.attempts == 1  # a bad certificate is not retried
-            requests_refused = emulator.stats.requests
-            # The same server, trusted explicitly, works: only verification stood in the way.
-            trusted = ssl.create_default_context(cafile=str(cert))
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusted)) as session, \
-                    na.NovitaClient(api_key=emulator.api_key, base_url=url, session=session) as client:
-                result = await client.merge_face(make_image(seed=1), make_image(seed=2))
-            assert result.data is not None
-        finally:
-            await runner.cleanup()
+    async with Emulator(EmulatorConfig(engine="composite")) as emulator, \
+            serving(emulator.app, ssl_context=context) as url:
+        async with na.NovitaClient(api_key=emulator.api_key, base_url=url, retry=_FAST) as client:
+            with pytest.raises(na.APIConnectionError) as caught:
+                await client.merge_face(make_image(seed=1), make_image(seed=2))
+        assert "certificate verify failed" in str(caught.value).lower()
+        assert caught.value.attempts == 1  # a bad certificate is not retried
+        requests_refused = emulator.stats.requests
+        # The same server, trusted explicitly, works: only verification stood in the way.
+        trusted = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusted)) as session, \
+                na.NovitaClient(api_key=emulator.api_key, base_url=url, session=session) as client:
+            result = await client.merge_face(make_image(seed=1), make_image(seed=2))
+        assert result.data is not None
     assert requests_refused == 0
 
 

@@ -31,8 +31,10 @@ from novita_async._config import Timeout
 from novita_async._encode import RequestBody, build_extra
 from novita_async._errors import SourceChangedError
 from novita_async._output import MemorySink
-from novita_async._sources import ImageSource, source_from_input
+from novita_async._sources import ImageSource
 from novita_async._transport import send_merge_request
+
+from .conftest import serving, source_from_input, split
 
 _SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -201,15 +203,6 @@ def test_input_that_changes_size_never_gives_a_wrong_length_body(
 # -- the decoder behind a real socket --------------------------------------------------------
 
 
-def _split(body: bytes, sizes: list[int]) -> Iterator[bytes]:
-    position, index = 0, 0
-    while position < len(body):
-        size = sizes[index % len(sizes)]
-        yield body[position : position + size]
-        position += size
-        index += 1
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     image=st.binary(min_size=1, max_size=20_000),
@@ -235,32 +228,21 @@ def test_decoder_over_a_socket_matches_json_loads(
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.content_length = len(body)
         await response.prepare(request)
-        for piece in _split(body, sizes):
+        for piece in split(body, sizes):
             await response.write(piece)
         return response
 
     async def run() -> None:
-        app = web.Application()
-        app.router.add_post("/v3/merge-face", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            import aiohttp
+        import aiohttp
 
-            async with aiohttp.ClientSession() as session:
-                sink = MemorySink()
-                request = RequestBody(await source_from_input(b"f", "face_image"),
-                                      await source_from_input(b"i", "image"), None)
-                image_type = await send_merge_request(
-                    session, f"http://127.0.0.1:{port}/v3/merge-face", "sk_test", request, sink,
-                    Timeout(total=10.0),
-                )
-                await sink.commit()
-        finally:
-            await runner.cleanup()
+        async with serving(handler) as url, aiohttp.ClientSession() as session:
+            sink = MemorySink()
+            request = RequestBody(await source_from_input(b"f", "face_image"),
+                                  await source_from_input(b"i", "image"), None)
+            image_type = await send_merge_request(
+                session, f"{url}/v3/merge-face", "sk_test", request, sink, Timeout(total=10.0),
+            )
+            await sink.commit()
         assert sink.data == expected
         assert image_type == parsed["image_type"]
 
