@@ -22,6 +22,7 @@ import anyio.to_thread
 from novita_async._client import NovitaClient
 from novita_async._config import API_KEY_ENV, BASE_URL_ENV, RESPONSE_IMAGE_TYPES, RetryPolicy, Timeout
 from novita_async._errors import ConfigurationError, InvalidImageError, NovitaError
+from novita_async._fileio import FILE_IO_MODES
 from novita_async._jobs import JobResult, JobStatus, MergeJob
 from novita_async._manifest import BadRow, ManifestError, check_manifest, jobs_from_folders
 from novita_async._shard import default_ledger, parse_shard, shard_jobs, shard_rpm
@@ -63,6 +64,9 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
                        help="attempts per job, retries of transient errors included (default: 5)")
     group.add_argument("--auto-resize", action="store_true",
                        help="downsize inputs over 2048x2048 (and convert CMYK/16-bit) instead of refusing them")
+    group.add_argument("--file-io", choices=FILE_IO_MODES, default="auto",
+                       help="where files are read and written: auto (on the event loop for fast local "
+                            "folders, else worker threads) or threads (always worker threads)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +154,7 @@ def _client_from_args(args: argparse.Namespace) -> NovitaClient:
             max_concurrency=args.concurrency,
             requests_per_minute=args.rpm,
             auto_resize=args.auto_resize,
+            file_io=args.file_io,
         )
     except (ConfigurationError, ValueError) as exc:
         raise UsageError(str(exc)) from None

@@ -35,6 +35,7 @@ from novita_async._errors import (
     OutputError,
     RateLimitError,
 )
+from novita_async._fileio import FileCalls, FileIO, folder_of
 from novita_async._gate import SendGate
 from novita_async._output import FileSink, MemorySink, Sink, check_writable
 from novita_async._pacing import Pacer, PacerProtocol
@@ -120,6 +121,22 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _path_folders(inputs: tuple[tuple[object, str], ...], output: Path | None) -> tuple[str, ...] | None:
+    """The folders a job's inputs and output are in; None if an input is not a path.
+
+    Only paths can be checked on the event loop: a PIL image is encoded (long,
+    CPU-bound work) and a file object may be anything, a socket included.
+    """
+    folders: list[str] = []
+    for value, _ in inputs:
+        if not isinstance(value, (str, os.PathLike)):
+            return None
+        folders.append(folder_of(value))
+    if output is not None:
+        folders.append(folder_of(output))
+    return tuple(dict.fromkeys(folders))
+
+
 class NovitaClient:
     """Async client for Novita's Merge Face API, built for many calls at once.
 
@@ -145,6 +162,10 @@ class NovitaClient:
             e.g. one :class:`Pacer` for several clients, or the Ray actor-backed
             pacer of ``novita_async.ray``) instead of the client's own; give
             it or ``requests_per_minute``, not both.
+        file_io: Where reading inputs and writing results happens: ``"auto"``
+            on the event loop for folders on local file systems while each
+            call stays under 5 ms (a worker thread otherwise, and for good
+            once a folder is slow); ``"threads"`` always in worker threads.
 
     Raises:
         ConfigurationError: no API key, or a malformed base URL.
@@ -167,6 +188,7 @@ class NovitaClient:
         validate: bool = True,
         session: aiohttp.ClientSession | None = None,
         pacer: PacerProtocol | None = None,
+        file_io: FileIO = "auto",
     ) -> None:
         key = api_key if api_key is not None else env_api_key()
         if not key or not key.strip():
@@ -190,6 +212,7 @@ class NovitaClient:
             )
         self.pacer: PacerProtocol = pacer if pacer is not None else Pacer(requests_per_minute)
         self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._files = FileCalls(file_io)
         self._writable_folders: set[Path] = set()  # output folders already probed
         self._session = session
         self._owns_session = session is None
@@ -287,7 +310,11 @@ class NovitaClient:
                 raise
             return checked, output is not None and os.path.isdir(output)
 
-        checked, output_is_folder = await anyio.to_thread.run_sync(check_all)
+        folders = _path_folders(inputs, output)
+        if folders is None:  # a PIL image to encode, or a file object of unknown kind
+            checked, output_is_folder = await anyio.to_thread.run_sync(check_all)
+        else:
+            checked, output_is_folder = await self._files.run(folders, check_all)
         sources: list[ImageSource] = []
         try:
             for source, problem in checked:
@@ -373,13 +400,13 @@ class NovitaClient:
                 # Once per folder: probing creates and deletes a file, which per job
                 # cost a batch of small images ~0.5 ms of CPU each (and ext4 slows
                 # down allocating inodes past recently deleted ones).
-                await anyio.to_thread.run_sync(check_writable, out_path)
+                await self._files.run((folder_of(out_path),), lambda: check_writable(out_path))
                 if len(self._writable_folders) >= 1024:
                     self._writable_folders.clear()
                 self._writable_folders.add(out_path.parent)
 
             async def attempt(number: int) -> tuple[str, Sink]:
-                sink: Sink = FileSink(out_path) if out_path is not None else MemorySink()
+                sink: Sink = FileSink(out_path, self._files) if out_path is not None else MemorySink()
                 try:
                     image_type = await self._attempt(session, body, sink, response_image_type, gate)
                     await sink.commit()

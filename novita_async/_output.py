@@ -15,9 +15,10 @@ import secrets
 import socket
 from pathlib import Path
 
-import anyio.to_thread
+import anyio
 
 from novita_async._errors import OutputError
+from novita_async._fileio import FileCalls, folder_of
 
 __all__ = [
     "FileSink",
@@ -30,8 +31,8 @@ __all__ = [
     "temp_prefix",
 ]
 
-#: Decoded bytes are gathered up to this size before one write in a thread,
-#: so a large image costs tens of thread hops, not thousands.
+#: Decoded bytes are gathered up to this size before one write (in a thread
+#: where the folder needs one), so a large image costs tens of calls, not thousands.
 _WRITE_BATCH = 1024 * 1024
 
 
@@ -182,8 +183,10 @@ class MemorySink(Sink):
 class FileSink(Sink):
     """Streams the image to a temporary file beside ``path``, renamed in on commit."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, files: FileCalls | None = None) -> None:
         self.path = path
+        self._files = files if files is not None else FileCalls("threads")
+        self._folders = (folder_of(path),)
         self._fd: int | None = None
         self._tmp: str | None = None
         self._pending: list[bytes] = []
@@ -213,7 +216,7 @@ class FileSink(Sink):
 
     async def _flush(self) -> None:
         parts, self._pending, self._pending_size = self._pending, [], 0
-        await anyio.to_thread.run_sync(self._flush_sync, parts)
+        await self._files.run(self._folders, lambda: self._flush_sync(parts))
 
     async def write(self, data: bytes) -> None:
         self._pending.append(data)
@@ -239,7 +242,7 @@ class FileSink(Sink):
             self._flush_sync(parts)
             self._commit_sync()
 
-        await anyio.to_thread.run_sync(flush_and_commit)
+        await self._files.run(self._folders, flush_and_commit)
 
     def _discard_sync(self) -> None:
         if self._fd is not None:
@@ -259,7 +262,7 @@ class FileSink(Sink):
             return
         # Shielded: a cancelled attempt must still remove its temporary file.
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._discard_sync)
+            await self._files.run(self._folders, self._discard_sync)
 
 
 def check_writable(path: Path) -> None:

@@ -151,6 +151,20 @@ def test_batch_from_a_csv_manifest(
     assert f"ledger: {out / 'ledger.jsonl'}" in err
 
 
+def test_file_io_option(emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--file-io threads` runs the batch the same way; an unknown mode exits 2 naming the choices."""
+    manifest = csv_manifest(tmp_path / "data", 4)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "batch", manifest, "-o", out, "--file-io", "threads", "--no-progress",
+                           *connect(emu))
+    assert code == 0, err
+    assert summary_counts(err) == (4, 0, 0) and len(results_in(out)) == 4
+    with pytest.raises(SystemExit) as exited:
+        main(["batch", str(manifest), "-o", str(out), "--file-io", "fast", *connect(emu)])
+    assert exited.value.code == 2
+    assert "argument --file-io: invalid choice: 'fast' (choose from" in capsys.readouterr().err
+
+
 def test_batch_from_jsonl_with_its_own_outputs_and_ledger(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

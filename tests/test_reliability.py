@@ -464,17 +464,23 @@ async def test_unwritable_output_folder_fails_each_job_clearly(tmp_path: Path, h
     assert all(strerror in line["error_message"] for line in lines)
 
 
-async def test_disk_fills_up(tmp_path: Path) -> None:
-    """A 1 MB disk: the results that fit are ok, the rest fail with a clear OutputError, none half-written."""
+@pytest.mark.parametrize("file_io", [pytest.param("auto", id="inline"), pytest.param("threads", id="threads")])
+async def test_disk_fills_up(tmp_path: Path, file_io: str) -> None:
+    """A 1 MB disk: the results that fit are ok, the rest fail with a clear OutputError, none half-written.
+
+    Both ways of writing: on the event loop (a tmpfs is local and fast) and in worker threads.
+    """
     jobs = 10
     pairs = write_pairs(tmp_path / "in", jobs, size=256)  # results of about 200 KB each
     ledger = tmp_path / "ledger.jsonl"
     with tmpfs(tmp_path / "disk", "size=1m") as disk:
         out = disk / "out"
         async with Emulator(EmulatorConfig(engine="composite")) as emulator, na.NovitaClient(
-            api_key=emulator.api_key, base_url=emulator.url, retry=CHAOS_RETRY, max_concurrency=2
+            api_key=emulator.api_key, base_url=emulator.url, retry=CHAOS_RETRY, max_concurrency=2,
+            file_io=file_io,  # type: ignore[arg-type]
         ) as client:
             results = [r async for r in client.batch(_jobs(pairs), output_dir=out, ledger=ledger, progress=False)]
+            assert client._files.runs_inline((str(out),)) is (file_io == "auto")
         assert len(results) == jobs
         ok = [r for r in results if r.status == na.JobStatus.OK]
         failed = [r for r in results if r.status == na.JobStatus.FAILED]
