@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -74,6 +75,20 @@ async def retry_call(
     Raises:
         The last attempt's exception, with ``attempts`` set on NovitaErrors.
     """
+    started = time.monotonic()
+    # The first attempt runs without tenacity: most calls succeed at once, and
+    # a retrying object and its call state refer to each other, a cycle only
+    # the cyclic garbage collector frees (~40 objects a call: 9% of a small
+    # job's CPU at 128 in flight went to collecting them).  Tenacity takes
+    # over from the first retryable failure, which it is shown first.
+    try:
+        return await attempt(1), 1
+    except NovitaError as exc:
+        exc.attempts = 1
+        if not is_retryable(exc) or policy.max_attempts <= 1:
+            raise
+        first_failure = exc
+
     # One shared generator: seeding a new Random() reads os.urandom and cost
     # ~50 us per call, on every job, for jitter that is rarely needed.
     chooser = rng or _JITTER
@@ -90,19 +105,23 @@ async def retry_call(
             what, _describe(exc), state.attempt_number, policy.max_attempts, sleep,
         )
 
+    # The deadline counts from the first attempt, not from tenacity's start.
+    remaining = max(0.0, policy.total_timeout - (time.monotonic() - started))
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(policy.total_timeout),
+        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(remaining),
         wait=wait,
         retry=retry_if_exception(is_retryable),
         reraise=True,
         sleep=sleep,
         before_sleep=before_sleep,
     )
-    number = 0
+    number = 1
     try:
         async for state in retrying:
             with state:
                 number = state.retry_state.attempt_number
+                if number == 1:
+                    raise first_failure
                 result = await attempt(number)
             if not state.retry_state.outcome or not state.retry_state.outcome.failed:
                 return result, number
