@@ -317,13 +317,13 @@ def main(argv: list[str] | None = None) -> int:
                                         ).rstrip()
     started = time.monotonic()
     _log(f"{plan.mode} run: sections {', '.join(sections)}; measuring the CPU floor")
-    floor: FloorModel = measure_floor_model()
-    report = Report(mode=plan.mode, command=command, latency=LATENCY, floor=floor)
     scratch = scratch_root()
-    report.machine["scratch"] = _describe_scratch(scratch)
     work = Folders(images=Path(tempfile.mkdtemp(prefix="novita-bench-inputs-")),
                    results=Path(tempfile.mkdtemp(prefix="novita-bench-results-", dir=scratch)))
     try:
+        floor: FloorModel = measure_floor_model(inputs=work.images, results=work.results)
+        report = Report(mode=plan.mode, command=command, latency=LATENCY, floor=floor)
+        report.machine["scratch"] = _describe_scratch(scratch)
         if "grid" in sections:
             run_grid(plan, work, clients, sizes, report)
         if "manifest" in sections:

@@ -8,6 +8,10 @@ The floor: the least CPU any client must spend per job on this machine, the
 cost of base64-encoding both inputs and decoding the result with the fastest
 codec available, plus pushing the request and pulling the response through a
 loopback TCP socket (each side timed with its own thread's CPU clock).
+
+Beside it, for reference, the file work every client in the grid also does:
+reading the inputs from the page cache and writing the result to a new file
+in the results folder, at the cheapest piece size.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "Floor",
@@ -90,6 +95,8 @@ class FloorModel:
     decode: float  # per base64 byte decoded
     send: float  # per byte sent over loopback TCP
     recv: float  # per byte received over loopback TCP
+    read: float = 0.0  # per input byte read from the page cache (0: not measured)
+    write: float = 0.0  # per output byte written to a new file in the results folder
 
     def floor(self, input_bytes: int, output_bytes: int) -> Floor:
         """The floor for one job with these raw input and output sizes."""
@@ -99,6 +106,7 @@ class FloorModel:
             encode=self.encode * input_bytes,
             decode=self.decode * response,
             loopback=self.send * request + self.recv * response,
+            files=self.read * input_bytes + self.write * output_bytes,
         )
 
 
@@ -109,11 +117,17 @@ class Floor:
     encode: float
     decode: float
     loopback: float
+    files: float = 0.0  # reading the inputs and writing the result (not in the total)
 
     @property
     def total(self) -> float:
-        """Seconds of CPU per job."""
+        """Seconds of CPU per job: issue 5's floor (base64 and loopback only)."""
         return self.encode + self.decode + self.loopback
+
+    @property
+    def with_files(self) -> float:
+        """The floor plus the file work every client in the grid does, seconds."""
+        return self.total + self.files
 
 
 #: Piece sizes tried for the codec (multiples of 3; 0 means the whole buffer).
@@ -178,8 +192,60 @@ def _loopback_costs(total: int, chunk: int = 256 * 1024) -> tuple[float, float]:
     return send_cpu / sent, recv_cpu[0] / sent
 
 
-def measure_floor_model(sample: int = 32 * 1024 * 1024) -> FloorModel:
-    """Measure the per-byte costs with the fastest codec (best of several runs)."""
+#: Piece sizes tried for file reads and writes.
+_FILE_CHUNKS = (384 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+
+
+def _file_costs(data: bytes, inputs: Path, results: Path) -> tuple[float, float]:
+    """(read, write) CPU seconds per byte: a page-cached file read, a new file written."""
+    source = inputs / "floor-read.bin"
+    source.write_bytes(data)
+    buffer = memoryview(bytearray(max(_FILE_CHUNKS)))
+
+    def read(chunk: int) -> Callable[[], None]:
+        def work() -> None:
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                offset = 0
+                while got := os.preadv(fd, [buffer[:chunk]], offset):
+                    offset += got
+            finally:
+                os.close(fd)
+        return work
+
+    view = memoryview(data)
+    written: list[Path] = []
+
+    def write(chunk: int) -> Callable[[], None]:
+        def work() -> None:
+            target = results / f"floor-write-{len(written)}.bin"
+            written.append(target)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                for start in range(0, len(view), chunk):
+                    os.write(fd, view[start : start + chunk])
+            finally:
+                os.close(fd)
+        return work
+
+    try:
+        read(len(buffer))()  # into the page cache
+        read_cost = min(_best_of(5, read(chunk)) for chunk in _FILE_CHUNKS) / len(data)
+        write_cost = min(_best_of(5, write(chunk)) for chunk in _FILE_CHUNKS) / len(data)
+    finally:
+        source.unlink(missing_ok=True)
+        for target in written:
+            target.unlink(missing_ok=True)
+    return read_cost, write_cost
+
+
+def measure_floor_model(sample: int = 32 * 1024 * 1024, *, inputs: Path | None = None,
+                        results: Path | None = None) -> FloorModel:
+    """Measure the per-byte costs with the fastest codec (best of several runs).
+
+    With ``inputs`` and ``results`` folders, also the file costs (reading from
+    the first, writing into the second), for reference beside the floor.
+    """
     from novita_async._b64 import CODEC, b64decode_strict, b64encode
 
     raw = os.urandom(sample)
@@ -198,4 +264,6 @@ def measure_floor_model(sample: int = 32 * 1024 * 1024) -> FloorModel:
         for chunk in (64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
     ]
     send, recv = min(costs, key=sum)
-    return FloorModel(codec=CODEC, encode=encode, decode=decode, send=send, recv=recv)
+    read, write = _file_costs(raw, inputs, results) if inputs and results else (0.0, 0.0)
+    return FloorModel(codec=CODEC, encode=encode, decode=decode, send=send, recv=recv,
+                      read=read, write=write)
