@@ -132,7 +132,7 @@ def _pread_full(fd: int, view: memoryview, offset: int) -> int:
 
 @dataclass
 class _PathSource(ImageSource):
-    """A file on disk, read in a worker thread so the event loop never blocks."""
+    """A file on disk; a read that could wait for the disk goes to a worker thread."""
 
     input_name: str
     description: str
