@@ -145,10 +145,12 @@ def _why(report: Report, name: str, wheres: list[str]) -> str:
                     (ours_ratios if client == "novita_async" else others).append(
                         row.cpu_per_job / with_files)
         files = ""
-        if ours_ratios:
+        model = report.floor_model
+        if ours_ratios and model.read:
             files = (f" Every client here also reads its inputs and writes its result to a new "
-                     f"file; measured like the floor (see Machine: a new file's pages cost over "
-                     f"ten times a page-cache read on this VM, which backs fresh memory lazily), "
+                     f"file; measured like the floor (see Machine: a byte written to a new file "
+                     f"costs {model.write / model.read:.0f} times a byte read from the page "
+                     f"cache on this VM, which backs fresh memory lazily), "
                      f"that work raises the floor, and novita_async is at "
                      f"{min(ours_ratios):.1f}-{max(ours_ratios):.1f}x of floor plus file work in "
                      f"these cells (column CPU/(floor+files))"
