@@ -120,12 +120,12 @@ def _filesystem_type(device: int) -> str | None:
         return _mount_types[device] or None
 
 
-def _on_local_filesystem(folder: str) -> bool:
-    """Whether ``folder`` is on a file system known to be local (blocking)."""
+def _on_local_filesystem(folder: str) -> bool | None:
+    """Whether ``folder`` is on a file system known to be local; None if it cannot be looked up (blocking)."""
     try:
         device = os.stat(folder).st_dev
     except OSError:
-        return False
+        return None  # not there yet (an output folder before its first result), or not ours
     return _filesystem_type(device) in _LOCAL_TYPES
 
 
@@ -175,9 +175,12 @@ class FileCalls:
             try:
                 return call()
             finally:
-                # After the call: it may have created the folder (an output's).
+                # After the call: it may have created the folder (an output's).  A
+                # folder still missing stays unknown, to be learnt by a later call.
                 for folder in unknown:
-                    verdicts[folder] = 0 if _on_local_filesystem(folder) else None
+                    local = _on_local_filesystem(folder)
+                    if local is not None:
+                        verdicts[folder] = 0 if local else None
 
         try:
             return await anyio.to_thread.run_sync(call_then_classify)

@@ -66,9 +66,9 @@ def test_unknown_mode_is_refused_with_the_choices() -> None:
         na.NovitaClient(api_key="sk_test", file_io="fast")  # type: ignore[arg-type]
 
 
-def test_missing_folder_is_not_local() -> None:
-    """A folder that cannot be looked up is not trusted with inline calls."""
-    assert _on_local_filesystem("/nonexistent/novita_async/folder") is False
+def test_missing_folder_is_not_judged() -> None:
+    """A folder that cannot be looked up is neither local nor remote yet."""
+    assert _on_local_filesystem("/nonexistent/novita_async/folder") is None
 
 
 async def _where(calls: FileCalls, folder: Path, seconds: float = 0.0) -> int:
@@ -103,13 +103,27 @@ async def test_threads_mode_never_runs_inline(tmp_path: Path) -> None:
     assert not calls.runs_inline((str(tmp_path),))
 
 
-async def test_a_folder_that_is_not_local_stays_in_threads(tmp_path: Path) -> None:
-    """A folder that could not be judged local (here: missing when learnt) is never inline."""
-    missing = tmp_path / "missing"
+async def test_a_missing_folder_is_learnt_once_it_exists(tmp_path: Path) -> None:
+    """Calls in a folder that does not exist yet go to threads, until one finds it (an output folder)."""
+    _local_or_skip(tmp_path)
+    folder = tmp_path / "created-later"
     calls = FileCalls("auto")
     loop_thread = threading.get_ident()
     for _ in range(3):
-        assert await _where(calls, missing) != loop_thread
+        assert await _where(calls, folder) != loop_thread
+    folder.mkdir()
+    assert await _where(calls, folder) != loop_thread  # learnt now
+    assert await _where(calls, folder) == loop_thread
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc here")
+async def test_a_folder_not_known_to_be_local_stays_in_threads() -> None:
+    """A folder on a file system outside the local list (here /proc) is never inline."""
+    calls = FileCalls("auto")
+    loop_thread = threading.get_ident()
+    for _ in range(3):
+        assert await calls.run(("/proc/self",), threading.get_ident) != loop_thread
+    assert not calls.runs_inline(("/proc/self",))
 
 
 async def test_mostly_slow_calls_move_a_folder_to_threads(
