@@ -273,9 +273,7 @@ def scratch_root() -> str | None:
     past recently deleted inodes on every create: measured up to half of a
     small job's CPU), and writeback of earlier runs' results would compete for
     the 2 cores.  tmpfs has neither, so every client meets the same file system.
-    Inputs stay on the disk, read from its page cache as a dataset would be
-    (tmpfs does not support preadv2's RWF_NOWAIT, so novita_async would read
-    files there in worker threads, one hop per 384 KiB).
+    Inputs stay on the disk, read from its page cache as a dataset would be.
     """
     shm = "/dev/shm"
     try:

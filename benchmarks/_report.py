@@ -12,7 +12,7 @@ from typing import Any
 
 from benchmarks._clients import CLIENTS
 from benchmarks._emulator import StatsDelta
-from benchmarks._measure import FloorModel
+from benchmarks._measure import Floor, FloorModel
 from benchmarks._rows import GridRow, ManifestRow, PacingRow, Target
 
 __all__ = ["GridRow", "ManifestRow", "PacingRow", "Report", "Target"]
@@ -166,21 +166,22 @@ class Report:
         """concurrency / (latency + the emulator's handling time), jobs per second."""
         return concurrency / (self.latency + self.handling(size, concurrency))
 
-    def floor(self, size: str, concurrency: int) -> float | None:
-        """The CPU floor per job for the cell, seconds."""
+    def _floor_of(self, size: str, concurrency: int) -> Floor | None:
+        """The floor's parts for the cell (from a run that recorded its result size)."""
         for row in self.rows(size, concurrency).values():
             if row.output_bytes:
-                return self.floor_model.floor(row.input_bytes, row.output_bytes).total
+                return self.floor_model.floor(row.input_bytes, row.output_bytes)
         return None
+
+    def floor(self, size: str, concurrency: int) -> float | None:
+        """The CPU floor per job for the cell, seconds."""
+        floor = self._floor_of(size, concurrency)
+        return floor.total if floor else None
 
     def floor_with_files(self, size: str, concurrency: int) -> float | None:
         """The floor plus reading the inputs and writing the result, seconds (None if not measured)."""
-        if not (self.floor_model.read and self.floor_model.write):
-            return None
-        for row in self.rows(size, concurrency).values():
-            if row.output_bytes:
-                return self.floor_model.floor(row.input_bytes, row.output_bytes).with_files
-        return None
+        floor = self._floor_of(size, concurrency)
+        return floor.with_files if floor and floor.files else None
 
     def bound(self, size: str, concurrency: int) -> str:
         """'latency' or 'CPU': would the ideal rate need most of the machine's cores?"""

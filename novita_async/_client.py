@@ -69,9 +69,9 @@ _RESIZABLE_RULES = frozenset({"max_resolution", "max_size", "color_mode"})
 
 
 #: Set by a batch around each of its jobs (each job runs in its own task, so
-#: its own context): called just before every attempt is sent; an exception it
-#: returns is raised instead of sending.  This is how a batch that is stopping
-#: keeps queued jobs and retries from going out.
+#: its own context): the gate each attempt passes just before it is sent (see
+#: ``_gate``).  This is how a batch that is stopping keeps queued jobs and
+#: retries from going out.
 send_gate: contextvars.ContextVar[SendGate | None] = contextvars.ContextVar(
     "novita_async_send_gate", default=None
 )
@@ -285,7 +285,7 @@ class NovitaClient:
         from novita_async import _images
 
         def open_and_check(value: object, input_name: str) -> tuple[ImageSource, InvalidImageError | None]:
-            source = _source_sync(value, input_name)
+            source = _source_sync(value, input_name, self._files)
             try:
                 with source.open_sync() as stream:
                     if self.validate:
@@ -447,12 +447,7 @@ class NovitaClient:
             if gate is None:
                 await self.pacer.wait_turn()
             else:
-                if (stop := gate.check()) is None:
-                    with gate.waiting():  # a closing gate ends the wait for the turn
-                        await self.pacer.wait_turn()
-                    stop = gate.check()
-                if stop is not None:
-                    raise stop
+                await gate.admit(self.pacer.wait_turn)
             try:
                 image_type = await send_merge_request(
                     session, f"{self.base_url}{MERGE_FACE_PATH}", self._api_key, body, sink,

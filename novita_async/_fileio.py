@@ -48,6 +48,7 @@ __all__ = [
     "SLOW_CALL_SECONDS",
     "FileCalls",
     "FileIO",
+    "THREADS_ONLY",
     "folder_of",
     "parse_mountinfo",
 ]
@@ -208,3 +209,8 @@ class FileCalls:
                 "file system calls in %s are slow on the event loop (the last took %.1f ms); "
                 "they run in worker threads from now on", ", ".join(slow), elapsed * 1e3,
             )
+
+
+#: Worker threads for every call: the default of file users not given a client's FileCalls
+#: (stateless in this mode, so one instance serves them all).
+THREADS_ONLY = FileCalls("threads")

@@ -11,7 +11,7 @@ otherwise keep a graceful stop waiting for over three minutes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 
@@ -44,6 +44,20 @@ class SendGate:
                 yield
         finally:
             self._waiting.discard(scope)
+
+    async def admit(self, wait: Callable[[], Awaitable[None]]) -> None:
+        """Wait (for a pacing turn) with the gate open, then let the attempt go or raise why not.
+
+        Raises:
+            The gate's exception, checked before and after the wait: a gate
+            that closes meanwhile ends the wait at once.
+        """
+        if (stop := self.check()) is None:
+            with self.waiting():
+                await wait()
+            stop = self.check()
+        if stop is not None:
+            raise stop
 
     def close(self) -> None:
         """End every wait in progress (call from the event loop's thread)."""

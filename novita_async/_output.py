@@ -18,7 +18,7 @@ from pathlib import Path
 import anyio
 
 from novita_async._errors import OutputError
-from novita_async._fileio import FileCalls, folder_of
+from novita_async._fileio import THREADS_ONLY, FileCalls, folder_of
 
 __all__ = [
     "FileSink",
@@ -185,7 +185,7 @@ class FileSink(Sink):
 
     def __init__(self, path: Path, files: FileCalls | None = None) -> None:
         self.path = path
-        self._files = files if files is not None else FileCalls("threads")
+        self._files = files if files is not None else THREADS_ONLY
         self._folders = (folder_of(path),)
         self._fd: int | None = None
         self._tmp: str | None = None

@@ -12,14 +12,17 @@ import contextlib
 import errno
 import io
 import os
-from collections.abc import AsyncIterator, Iterable
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, Union
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, TypeVar, Union
 
 import anyio.to_thread
 
 from novita_async._errors import InvalidImageError, SourceChangedError
+from novita_async._fileio import THREADS_ONLY, FileCalls, folder_of
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -28,6 +31,8 @@ __all__ = ["ImageInput", "ImageSource", "buffer_source", "close_sources", "descr
 
 #: What ``merge_face`` accepts for each image.
 ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], "Image.Image"]
+
+T = TypeVar("T")
 
 
 class ImageSource:
@@ -106,7 +111,7 @@ def _pread_cached(fd: int, view: memoryview, offset: int) -> int | None:
     """Read into ``view`` from the page cache only; None when that would mean waiting.
 
     0 is the end of the file.  A short count means only part was cached (or
-    the file ends there): the caller reads the rest in a worker thread.
+    the file ends there): the caller reads the rest with a blocking read.
     """
     assert _RWF_NOWAIT is not None
     try:
@@ -138,6 +143,8 @@ class _PathSource(ImageSource):
     description: str
     path: Path
     size: int
+    #: Where reads that cannot be made without waiting run (the client's, in a client).
+    files: FileCalls = field(default=THREADS_ONLY, repr=False, compare=False)
     #: What the header check read of a small file, kept for the next upload.
     _checked: bytes | None = field(default=None, init=False, repr=False, compare=False)
     #: The file the header check opened, kept for the next upload: the upload
@@ -154,10 +161,10 @@ class _PathSource(ImageSource):
                 yield view[start : start + chunk_size]
             return
         if 0 < self.size <= chunk_size:
-            # One thread hop instead of four (open, read, check for growth,
-            # close): most inputs fit one chunk, and on a busy machine each hop
-            # costs ~65 us of CPU and a wake-up on the request's critical path.
-            yield await anyio.to_thread.run_sync(self._read_whole)
+            # One call instead of four (open, read, check for growth, close):
+            # most inputs fit one chunk, and where the call goes to a worker
+            # thread each hop costs CPU and a wake-up on the request's path.
+            yield await self._run(self._read_whole)
             return
         if _RWF_NOWAIT is not None:
             async for piece in self._pread_chunks(chunk_size):
@@ -178,12 +185,14 @@ class _PathSource(ImageSource):
         the thread hop that would carry it (~65 us of CPU on an idle machine,
         several wake-ups on a busy one): ``preadv2(RWF_NOWAIT)`` does it on the
         event loop and answers EAGAIN instead of waiting for the disk, and
-        only then does the read go to a worker thread.  Each chunk is a view of
-        the same buffer, valid until the next one is asked for (the encoder
+        only then does the read block: in a worker thread, or on the loop where
+        the client runs this folder's file calls there (a file system without
+        the flag, such as tmpfs, whose reads are memcpys too).  Each chunk is a
+        view of the same buffer, valid until the next one is asked for (the encoder
         consumes it at once), so a file costs one buffer, not one per chunk.
         """
         opened, self._opened = self._opened, None
-        fd = opened.fileno() if opened is not None else await anyio.to_thread.run_sync(_open_read, self.path)
+        fd = opened.fileno() if opened is not None else await self._run(partial(_open_read, self.path))
         try:
             # At least one byte: the check for a file that grew reads into it.
             buffer = memoryview(bytearray(max(1, min(chunk_size, self.size))))
@@ -194,7 +203,7 @@ class _PathSource(ImageSource):
                 got = _pread_cached(fd, piece, offset)
                 if got is None or 0 < got < want:
                     done = got or 0
-                    done += await anyio.to_thread.run_sync(_pread_full, fd, piece[done:], offset + done)
+                    done += await self._run(partial(_pread_full, fd, piece[done:], offset + done))
                     got = done
                 if got < want:
                     raise self._changed(offset + got)
@@ -203,7 +212,7 @@ class _PathSource(ImageSource):
             # One more byte means the file grew while we read it.
             extra = _pread_cached(fd, buffer[:1], offset)
             if extra is None:
-                extra = await anyio.to_thread.run_sync(_pread_full, fd, buffer[:1], offset)
+                extra = await self._run(partial(_pread_full, fd, buffer[:1], offset))
             if extra:
                 raise self._changed(self.size + 1)
         finally:
@@ -211,6 +220,10 @@ class _PathSource(ImageSource):
                 opened.close()
             else:
                 os.close(fd)
+
+    def _run(self, call: Callable[[], T]) -> Awaitable[T]:
+        """Run a blocking read where the client runs this folder's file calls."""
+        return self.files.run((folder_of(self.path),), call)
 
     def open_sync(self) -> BinaryIO:
         if self.size <= _READ_WHOLE_BELOW:
@@ -378,7 +391,7 @@ def _stat_path(path: Path, input_name: str, description: str) -> int:
         )
 
     try:
-        stat = path.stat()
+        info = path.stat()
     except FileNotFoundError:
         raise fail("not_found", "no such file",
                    "Check the path (relative paths resolve against the current folder).") from None
@@ -386,18 +399,19 @@ def _stat_path(path: Path, input_name: str, description: str) -> int:
         raise fail("unreadable", "permission denied", "Make the file readable by this user.") from None
     except OSError as exc:
         raise fail("unreadable", f"cannot be read ({exc.strerror})", "Check the path.") from None
-    if path.is_dir():
+    if stat.S_ISDIR(info.st_mode):  # from the stat just made: no second one
         raise fail("not_a_file", "is a directory, not an image file", "Pass the path of an image file.")
     if not os.access(path, os.R_OK):
         raise fail("unreadable", "permission denied", "Make the file readable by this user.")
-    return stat.st_size
+    return info.st_size
 
 
-def _source_sync(value: object, input_name: str) -> ImageSource:
+def _source_sync(value: object, input_name: str, files: FileCalls = THREADS_ONLY) -> ImageSource:
     description = describe_input(value)
     if isinstance(value, (str, os.PathLike)):
         path = Path(os.fspath(value))
-        return _PathSource(input_name, description, path, _stat_path(path, input_name, description))
+        return _PathSource(input_name, description, path, _stat_path(path, input_name, description),
+                           files)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return _BufferSource(input_name, description, memoryview(value))
     if _is_pil_image(value):

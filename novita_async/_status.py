@@ -160,6 +160,8 @@ def run_status(
     Example:
         >>> print(run_status(["out/"], manifest="jobs.csv").table())  # doctest: +SKIP
     """
+    if manifest is not None and jobs is not None:  # before reading any ledger
+        raise ValueError("give the run's manifest or its jobs, not both")
     merged: dict[str, dict[str, Any]] = {}
     per_file: list[tuple[Path, LedgerCounts | None]] = []
     for path in ledger_files(ledgers):
@@ -175,8 +177,6 @@ def run_status(
                 merged[job_id] = record
         per_file.append((path, counts))
     total = LedgerCounts()
-    if manifest is not None and jobs is not None:
-        raise ValueError("give the run's manifest or its jobs, not both")
     if manifest is not None:
         jobs = read_manifest(manifest)
     if jobs is None:

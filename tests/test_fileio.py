@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import novita_async as na
+from novita_async import _sources
 from novita_async._fileio import (
     RECENT_CALLS,
     SLOW_CALL_SECONDS,
@@ -189,3 +190,59 @@ async def test_client_results_are_the_same_in_both_modes(
     assert not [p for p in out.iterdir() if p.name.endswith(".part")]
     expected = mode == "auto" and _on_local_filesystem(str(out)) and _on_local_filesystem(str(tmp_path / "in"))
     assert inline is expected, learnt
+
+
+def _tmpfs_folder_without_nowait() -> Path | None:
+    """A fresh folder on /dev/shm when it is a local file system without preadv2(RWF_NOWAIT)."""
+    shm = Path("/dev/shm")
+    if _sources._RWF_NOWAIT is None or not shm.is_dir() or not _on_local_filesystem(str(shm)):
+        return None
+    probe = shm / f"novita-nowait-{os.getpid()}"
+    probe.write_bytes(b"x")
+    try:
+        fd = os.open(probe, os.O_RDONLY)
+        try:
+            os.preadv(fd, [bytearray(1)], 0, _sources._RWF_NOWAIT)
+            return None  # supported here: the fallback read is not needed
+        except OSError:
+            return probe.parent
+        finally:
+            os.close(fd)
+    finally:
+        probe.unlink()
+
+
+@pytest.mark.parametrize("mode", [pytest.param("auto", id="auto"), pytest.param("threads", id="threads")])
+async def test_reads_the_page_cache_cannot_serve_follow_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """On a local folder without RWF_NOWAIT (tmpfs) an input is read on the loop in auto mode, in threads otherwise."""
+    shm = _tmpfs_folder_without_nowait()
+    if shm is None:
+        pytest.skip("needs /dev/shm as a local file system without preadv2(RWF_NOWAIT)")
+    folder = shm / f"novita-test-{os.getpid()}-{mode}"
+    folder.mkdir()
+    try:
+        data = os.urandom(3 * 300 + 7)
+        path = folder / "face.bin"
+        path.write_bytes(data)
+        calls = FileCalls(mode)
+        await calls.run((str(folder),), lambda: None)  # the folder is learnt
+        threads: list[int] = []
+        real = _sources._pread_full
+
+        def recording(fd: int, view: memoryview, offset: int) -> int:
+            threads.append(threading.get_ident())
+            return real(fd, view, offset)
+
+        monkeypatch.setattr(_sources, "_pread_full", recording)
+        source = _sources._source_sync(path, "face_image", calls)
+        read = b"".join([bytes(piece) async for piece in source.chunks(300)])
+        assert read == data
+        assert threads, "the fallback read was not used"
+        loop_thread = threading.get_ident()
+        assert all((ident == loop_thread) is (mode == "auto") for ident in threads)
+    finally:
+        for child in folder.iterdir():
+            child.unlink()
+        folder.rmdir()

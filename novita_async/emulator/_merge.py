@@ -92,7 +92,7 @@ def stored_png(image: Image.Image) -> bytes:
     channels, colour_type = modes[image.mode]
     width, height = image.size
     stride = width * channels
-    pixels = image.tobytes()
+    pixels = memoryview(image.tobytes())  # row slices without a copy each
     rows = bytearray((stride + 1) * height)  # each row's leading filter byte stays 0
     view = memoryview(rows)
     for y in range(height):
