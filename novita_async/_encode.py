@@ -89,6 +89,14 @@ class RequestBody:
         return self._generate()
 
     async def _generate(self) -> AsyncIterator[bytes | memoryview]:
+        # The prefix goes first on its own: aiohttp writes the request headers
+        # together with the first piece it is given, and on Python before 3.12.9
+        # it joins the two into one new bytes object, a copy of the whole piece.
+        # Twenty bytes make that copy free.  A small image's body, joined into
+        # one piece here, was otherwise copied twice; measured against a server
+        # that costs no CPU, small images at C=128 took 0.98-1.08 ms of CPU per
+        # job with the prefix glued on and 0.78-0.87 ms with it alone.
+        yield self._parts[0]
         try:
             async for piece in coalesce(self._pieces(), b64_length(self.chunk_size)):
                 yield piece
@@ -97,8 +105,7 @@ class RequestBody:
             raise
 
     async def _pieces(self) -> AsyncIterator[bytes | memoryview]:
-        prefix, middle, suffix = self._parts
-        yield prefix
+        _, middle, suffix = self._parts
         async for piece in self._encode(self.face):
             yield piece
         yield middle
@@ -125,10 +132,6 @@ class RequestBody:
             ) from exc
 
 
-#: A run of pieces smaller than this is joined onto the large piece after it.
-_GLUE_BYTES = 16 * 1024
-
-
 async def coalesce(
     pieces: AsyncIterator[bytes | memoryview], limit: int
 ) -> AsyncIterator[bytes | memoryview]:
@@ -136,10 +139,12 @@ async def coalesce(
 
     Every piece aiohttp is given becomes a send(2), and on loopback each one
     also runs the receiver's TCP processing and wakes it: a small image's body
-    would otherwise be five sends (prefix, face, middle, image, suffix) where
-    one does.  A large piece goes out as it is (no copy), except that a few
-    bytes of JSON before it are joined onto it rather than sent alone.  The
-    pieces must not change after they are yielded (the encoder's are fresh bytes).
+    would otherwise be four sends (face, middle, image, suffix) where one does.
+    A piece that does not fit beside what is held goes out on its own, and a
+    piece of ``limit`` bytes or more is never copied: a join allocates and
+    fills fresh memory, which costs more than the send it saves once the
+    piece is large.  The pieces must not change after they are yielded (the
+    encoder's are fresh bytes).
     """
     pending: list[bytes | memoryview] = []
     size = 0
@@ -147,24 +152,18 @@ async def coalesce(
         length = len(piece)
         if not length:
             continue
-        if size + length <= limit:
-            pending.append(piece)
-            size += length
-            if size == limit:
-                # Full: send it now rather than hold it while the next piece is
-                # read and encoded (a held piece is one more buffer per upload).
-                yield pending[0] if len(pending) == 1 else b"".join(pending)
-                pending, size = [], 0
-            continue
-        if pending:
-            if size < _GLUE_BYTES:
-                piece, length = b"".join([*pending, piece]), size + length
-            else:
-                yield pending[0] if len(pending) == 1 else b"".join(pending)
+        if pending and size + length > limit:
+            yield pending[0] if len(pending) == 1 else b"".join(pending)
             pending, size = [], 0
         if length >= limit:
             yield piece
-        else:
-            pending, size = [piece], length
+            continue
+        pending.append(piece)
+        size += length
+        if size == limit:
+            # Full: send it now rather than hold it while the next piece is
+            # read and encoded (a held piece is one more buffer per upload).
+            yield pending[0] if len(pending) == 1 else b"".join(pending)
+            pending, size = [], 0
     if pending:
         yield pending[0] if len(pending) == 1 else b"".join(pending)

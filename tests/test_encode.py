@@ -332,14 +332,21 @@ def test_coalesce_keeps_the_bytes_and_merges_all_it_can(sizes: list[int], limit:
     assert b"".join(outputs) == b"".join(inputs)
     lengths = [len(piece) for piece in outputs]
     assert all(a + b > limit for a, b in itertools.pairwise(lengths))
-    # A write is at most one piece larger than the limit (the glue joined onto a large piece).
-    assert all(n <= limit + max(sizes, default=0) for n in lengths)
+    # Only a piece that is larger on its own makes a write larger than the limit.
+    assert all(n <= max([limit, *sizes]) for n in lengths)
 
 
-async def test_coalesce_sends_a_small_body_in_one_write_and_large_pieces_uncopied() -> None:
-    """A small image's whole body is one write; a large piece goes out as the same object."""
+async def test_a_small_body_is_the_prefix_then_one_write() -> None:
+    """The JSON prefix goes alone (aiohttp joins it with the headers), the rest in one write."""
     body = RequestBody(buffer_source(FACE, "face_image", "face"), buffer_source(IMAGE, "image", "image"))
-    assert len([piece async for piece in body.stream()]) == 1
+    prefix, *rest = [bytes(piece) async for piece in body.stream()]
+    assert prefix == b'{"face_image_file":"'
+    assert len(rest) == 1
+    assert len(prefix) + len(rest[0]) == body.content_length
+
+
+async def test_coalesce_sends_large_pieces_uncopied() -> None:
+    """A piece of the limit or more goes out as the same object."""
     big = b"x" * 100_000
 
     async def source() -> AsyncIterator[bytes | memoryview]:
@@ -351,11 +358,19 @@ async def test_coalesce_sends_a_small_body_in_one_write_and_large_pieces_uncopie
     assert written[0] is big and written[1] is big
 
 
-async def test_coalesce_joins_a_few_bytes_of_json_onto_the_next_large_piece() -> None:
-    """The prefix before a full chunk is joined onto it rather than sent alone."""
-    outputs, inputs = await pieces_of([20, 1000, 1000, 16], 1000)
-    assert [len(piece) for piece in outputs] == [1020, 1000, 16]
-    assert b"".join(outputs) == b"".join(inputs)
+async def test_coalesce_never_copies_a_large_piece_to_glue_a_small_one() -> None:
+    """A few bytes before a full piece go out alone: the large piece is not copied."""
+    big = b"y" * 1000
+
+    async def source() -> AsyncIterator[bytes | memoryview]:
+        yield b"z" * 300
+        yield b"m" * 16
+        yield big
+        yield b"s" * 16
+
+    outputs = [piece async for piece in coalesce(source(), 1000)]
+    assert [len(piece) for piece in outputs] == [316, 1000, 16]
+    assert outputs[1] is big
 
 
 async def test_coalesce_holds_no_full_piece() -> None:
