@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from benchmarks._report import CPU_FLOOR_RATIO
+
 if TYPE_CHECKING:
     from benchmarks._report import Report
 
@@ -122,7 +124,7 @@ def _why(report: Report, name: str, wheres: list[str]) -> str:
                 parts.append(
                     f"{size} at C={concurrency}: the emulator spends {emulator * 1e3:.1f} ms of "
                     f"CPU per request, so its ideal {ideal:.0f} jobs/s would take "
-                    f"{ideal * emulator:.1f} of the 2 cores for the emulator alone")
+                    f"{ideal * emulator:.1f} of the {report.cores} cores for the emulator alone")
             else:
                 detail = (" (timed inside novita_async against the emulator, medium at C=8: "
                           "upload 2.7 ms, download 2.7 ms, ~2.5% of a 230 ms job; four runs of "
@@ -131,8 +133,8 @@ def _why(report: Report, name: str, wheres: list[str]) -> str:
                              "moving the request and the answer, for which a job holds its slot "
                              f"too{detail}")
         return ("; ".join(parts) + ". Against a remote API the emulator's CPU would not "
-                "share this machine's 2 cores with the client. Compare the peers within a "
-                "cell: they share its ideal.")
+                f"share this machine's {report.cores} cores with the client. Compare the peers "
+                "within a cell: they share its ideal.")
     if name == "CPU per job vs floor":
         ours_ratios: list[float] = []
         others: list[float] = []
@@ -146,6 +148,7 @@ def _why(report: Report, name: str, wheres: list[str]) -> str:
                         row.cpu_per_job / with_files)
         files = ""
         model = report.floor_model
+        bounds = _file_bounds(report, wheres)
         if ours_ratios and model.read:
             files = (f" Every client here also reads its inputs and writes its result to a new "
                      f"file; measured like the floor (see Machine: a byte written to a new file "
@@ -155,24 +158,54 @@ def _why(report: Report, name: str, wheres: list[str]) -> str:
                      f"{min(ours_ratios):.1f}-{max(ours_ratios):.1f}x of floor plus file work in "
                      f"these cells (column CPU/(floor+files))"
                      + (f", the whole-file clients at {min(others):.0f}-{max(others):.0f}x."
-                        if others else "."))
+                        if others else ".")
+                     + (f" Floor plus file work is already {bounds}: the goal is out of reach "
+                        "for any client that writes its results to files where that exceeds "
+                        "1.5x, and elsewhere leaves it only the rest of the budget for the "
+                        "HTTP exchange, Python and memory allocation." if bounds else ""))
         return ("The floor counts only base64 and loopback bytes, at the cheapest speeds this "
                 "machine reaches (a streamed codec into warm buffers, the cheapest write size)."
                 + files +
-                " The rest is ~25 us of asyncio/aiohttp Python per network piece, aiohttp's own "
-                "copy of the response body, and for a medium job ~1 ms of fixed cost (an HTTP "
-                "exchange, a file created and renamed). Against the emulator, which shares the "
-                "2 cores, the figures are higher than against a server that costs no CPU (large "
-                "at C=8: 27-29 ms per job there) and vary by 20-40% between runs.")
+                " The rest is Python per network piece and per job, aiohttp's own copy of the "
+                "response body, and page faults on freshly allocated buffers (see Fourth round "
+                f"below for a large job taken apart). Against the emulator, which shares the "
+                f"{report.cores} cores, the figures are higher than against a server that costs "
+                "no CPU (large at C=8: 24-27 ms per job there) and vary by 20-40% between runs.")
     if name == "throughput vs naive, everywhere":
-        return ("Where both processes together need the 2 cores, per-job CPU decides. For a "
-                "small image novita_async spends ~0.3 ms more than the naive client: two "
-                "worker-thread hops per job (the inputs' stat and header check; the result's "
-                "write and rename into place), which keep file system calls off the event "
-                "loop, where the naive client makes them blocking. Against a server that costs "
-                "no CPU (C=128, 3 runs each) novita_async took 1.22-1.41 ms per job writing "
-                "files and 0.92-1.12 ms keeping results in memory." + _overall(report, wheres))
+        return (f"Where both processes together need the {report.cores} cores, per-job CPU "
+                "decides: " + _cpu_against_naive(report, wheres) + "." + _overall(report, wheres))
     return "See the tables above."
+
+
+def _cpu_against_naive(report: Report, wheres: list[str]) -> str:
+    """'small at C=8: 1.7 against 1.2 ms of CPU per job' for each cell named."""
+    parts = []
+    for where in wheres:
+        size, _, rest = where.replace("worst cell: ", "").partition(", C=")
+        concurrency = int(rest.split(" ")[0])
+        rows = report.rows(size, concurrency)
+        ours, naive = rows.get("novita_async"), rows.get("naive")
+        if ours and naive:
+            parts.append(f"{size} at C={concurrency}, novita_async {ours.cpu_per_job * 1e3:.2f} "
+                         f"against the naive client's {naive.cpu_per_job * 1e3:.2f} ms of CPU "
+                         "per job")
+    return "; ".join(parts) or "see the grid"
+
+
+def _file_bounds(report: Report, wheres: list[str]) -> str:
+    """Floor plus file work against the floor, and what a 1.5x budget leaves, per size missed."""
+    parts: dict[str, str] = {}
+    for where in wheres:
+        size, _, rest = where.partition(", C=")
+        concurrency = int(rest.split(" ")[0])
+        floor = report.floor(size, concurrency)
+        with_files = report.floor_with_files(size, concurrency)
+        if floor and with_files and size not in parts:
+            left = CPU_FLOOR_RATIO * floor - with_files
+            rest_text = (f"{left * 1e3:.1f} ms per job left" if left > 0
+                         else f"{-left * 1e3:.1f} ms per job over")
+            parts[size] = f"{with_files / floor:.2f}x the floor for {size} images ({rest_text})"
+    return "; ".join(parts.values())
 
 
 def _overall(report: Report, wheres: list[str]) -> str:
@@ -190,6 +223,30 @@ def _overall(report: Report, wheres: list[str]) -> str:
 
 
 FIXES = """## Library fixes found by these benchmarks
+
+### Fourth round: copies into fresh memory
+
+Against a server that costs no CPU, perf on one large job at C=8 (26.7 ms of CPU; floor
+14.2 ms, floor plus files 19.9 ms): system calls 18.2 ms (sends 8.9, result writes 4.3,
+input reads 2.2, receives 2.2), base64 1.7 ms, and 6.8 ms besides: loopback packet
+processing outside system calls (2.3 ms), page faults on buffers glibc had returned to the
+kernel (0.6 ms in that run, 4.2 ms in another), aiohttp's copy of each response piece
+(0.6 ms), the decoder's search for the string's end (0.3 ms), and Python across ~170
+network pieces and ~115 file calls. A process-wide
+`MALLOC_TRIM_THRESHOLD_` cut the faults by 70% but CPU per job by less than the noise
+(24.2-25.5 against 24.5-26.0 ms, 3 alternating runs), and a library must not set it.
+
+cProfile of small jobs found one copy worth removing: on Python before 3.12.9 aiohttp
+joins the request headers with the first body piece it is given into a new bytes object,
+and our writer glued the JSON prefix onto the first piece of base64, so a small image's
+267 KB body was copied twice into fresh memory (`bytes.join`: the largest entry in the
+profile).
+
+1. `_encode.py`: the JSON prefix now goes to aiohttp on its own (aiohttp's join is then
+   ~250 bytes), and a piece of 512 KiB or more is never copied to glue a few bytes of JSON
+   onto it. Small C=128 against the emulator, 4 alternating runs of 2,048 jobs:
+   0.91-1.00 ms per job (was 1.03-1.10) at the same throughput (544-566 against 554-562
+   jobs/s); against a server that costs no CPU 0.70-0.84 ms (was 0.86-1.02).
 
 ### Third round: thread hops and garbage
 

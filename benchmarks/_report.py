@@ -73,13 +73,15 @@ def machine() -> dict[str, str]:
 class Report:
     """Collects rows as they come; renders the table, targets, markdown and chart."""
 
-    def __init__(self, *, mode: str, command: str, latency: float, floor: FloorModel) -> None:
+    def __init__(self, *, mode: str, command: str, latency: float, floor: FloorModel,
+                 machine_info: dict[str, str] | None = None) -> None:
         self.mode = mode
         self.command = command
         self.latency = latency
         self.floor_model = floor
         self.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        self.machine = machine()
+        # A re-render keeps the machine the numbers were measured on.
+        self.machine = machine_info if machine_info is not None else machine()
         self.grid: list[GridRow] = []
         self.manifests: list[ManifestRow] = []
         self.pacing: list[PacingRow] = []
@@ -191,7 +193,15 @@ class Report:
         emulator_cpu = min(r.emulator_cpu for r in rows)
         client_cpu = min(r.cpu_per_job for r in rows)
         demand = self.ideal(size, concurrency) * (emulator_cpu + client_cpu)
-        return "CPU" if demand > CPU_BOUND_SHARE * (os.cpu_count() or 1) else "latency"
+        return "CPU" if demand > CPU_BOUND_SHARE * self.cores else "latency"
+
+    @property
+    def cores(self) -> int:
+        """The measuring machine's cores (not this one's, when re-rendering)."""
+        try:
+            return int(self.machine["cores"])
+        except (KeyError, ValueError):
+            return os.cpu_count() or 1
 
     # -- targets -----------------------------------------------------------
     def targets(self) -> list[Target]:
@@ -340,8 +350,8 @@ class Report:
     def from_json(cls, data: dict[str, Any]) -> Report:
         """A report rebuilt from ``results.json`` (to re-render the markdown and chart)."""
         report = cls(mode=data["mode"], command=data["command"], latency=data["latency"],
-                     floor=FloorModel(**data["floor_model"]))
-        report.date, report.machine = data["date"], data["machine"]
+                     floor=FloorModel(**data["floor_model"]), machine_info=data["machine"])
+        report.date = data["date"]
         report.total_seconds = data["total_seconds"]
         report.load_start = tuple(data.get("load_start", report.load_start))
         report.load_end = tuple(data.get("load_end", report.load_end))

@@ -1,0 +1,140 @@
+"""The benchmark report: how it judges issue 5's targets and explains a miss.
+
+These check the harness's arithmetic on rows of known values (no run is
+timed here: the measurements themselves live in ``python -m benchmarks``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks._measure import FloorModel
+from benchmarks._notes import findings
+from benchmarks._report import Report
+from benchmarks._rows import GridRow
+
+#: Per-byte costs of the order this project's VM measured (seconds per byte).
+FLOOR = FloorModel(codec="pybase64", encode=36e-12, decode=42e-12, send=201e-12, recv=78e-12,
+                   read=27e-12, write=364e-12)
+MEDIUM_IN, MEDIUM_OUT = 4_000_000, 2_000_000
+RESULTS_JSON = Path(__file__).parent.parent / "benchmarks" / "results.json"
+
+
+def machine(cores: int = 2) -> dict[str, str]:
+    return {"cpu": "test CPU", "cores": str(cores), "ram": "1 GiB", "os": "test", "python": "3",
+            "packages": "none", "codec": "pybase64"}
+
+
+def make_report(*rows: GridRow, cores: int = 2) -> Report:
+    report = Report(mode="quick", command="python -m benchmarks", latency=0.2, floor=FLOOR,
+                    machine_info=machine(cores))
+    report.grid.extend(rows)
+    return report
+
+
+def row(size: str, concurrency: int, client: str, *, rate: float, cpu: float,
+        handling: float = 0.005, emulator_cpu: float = 0.001,
+        sizes: tuple[int, int] = (MEDIUM_IN, MEDIUM_OUT)) -> GridRow:
+    """A finished run of 100 jobs at ``rate`` jobs/s spending ``cpu`` seconds per job."""
+    jobs = 100
+    return GridRow(size, concurrency, client, jobs, sizes[0], ok=jobs, elapsed=jobs / rate,
+                   settled_rate=rate, cpu_seconds=cpu * jobs, baseline_rss=40_000_000,
+                   peak_rss=50_000_000, handling=handling, emulator_cpu=emulator_cpu,
+                   output_bytes=sizes[1], output_sha1="same")
+
+
+def target(report: Report, name: str, where: str) -> tuple[str, bool | None]:
+    found = [(t.value, t.passed) for t in report.targets() if t.name == name and where in t.where]
+    assert len(found) == 1, report.targets()
+    return found[0]
+
+
+@pytest.mark.parametrize(("rate", "value", "passed"), [(37.5, "95.6%", True), (36.0, "91.8%", False)])
+def test_efficiency_is_judged_against_the_fastest_emulator_seen_in_the_cell(
+    rate: float, value: str, passed: bool
+) -> None:
+    """Ideal = C / (latency + the least handling time any peer's run saw)."""
+    report = make_report(
+        row("small", 8, "novita_async", rate=rate, cpu=0.001, handling=0.009),
+        row("small", 8, "naive", rate=38.0, cpu=0.001, handling=0.004),
+    )
+    assert report.ideal("small", 8) == pytest.approx(8 / 0.204)
+    assert target(report, "efficiency vs ideal", "small, C=8") == (value, passed)
+
+
+def test_the_cpu_target_counts_base64_and_loopback_bytes_only() -> None:
+    """Floor = encode the inputs + decode the result + send + receive, per byte."""
+    report = make_report(row("medium", 32, "novita_async", rate=60, cpu=0.005, emulator_cpu=0.05))
+    request, response = 4 * ((MEDIUM_IN + 2) // 3), 4 * ((MEDIUM_OUT + 2) // 3)
+    floor = 36e-12 * MEDIUM_IN + 42e-12 * response + 201e-12 * request + 78e-12 * response
+    assert report.floor("medium", 32) == pytest.approx(floor)
+    assert report.floor_with_files("medium", 32) == pytest.approx(
+        floor + 27e-12 * MEDIUM_IN + 364e-12 * MEDIUM_OUT)
+    assert report.bound("medium", 32) == "CPU"
+    assert target(report, "CPU per job vs floor", "medium, C=32") == (
+        f"{0.005 / floor:.2f}x", False)
+
+
+def test_a_missed_cpu_target_is_explained_with_the_file_work_bound() -> None:
+    """The notes say how far floor plus file work alone already is from the goal."""
+    report = make_report(
+        row("medium", 32, "novita_async", rate=60, cpu=0.005, emulator_cpu=0.05),
+        row("medium", 32, "naive", rate=50, cpu=0.02, emulator_cpu=0.05),
+    )
+    floor, with_files = report.floor("medium", 32), report.floor_with_files("medium", 32)
+    assert floor is not None and with_files is not None
+    text = findings(report)
+    assert "**Missed: CPU per job vs floor** (medium, C=32)" in text
+    assert f"{with_files / floor:.2f}x the floor for medium images" in text
+    over = with_files - 1.5 * floor
+    assert over > 0  # these sizes: file work alone exceeds the 1.5x budget
+    assert f"({over * 1e3:.1f} ms per job over)" in text
+    assert f"novita_async is at {0.005 / with_files:.1f}-{0.005 / with_files:.1f}x" in text
+
+
+def test_the_cpu_target_passes_within_one_and_a_half_floors() -> None:
+    report = make_report(row("medium", 32, "novita_async", rate=60, cpu=0.0, emulator_cpu=0.05))
+    floor = report.floor("medium", 32)
+    assert floor is not None
+    report.grid[0].cpu_seconds = 1.4 * floor * report.grid[0].jobs
+    assert target(report, "CPU per job vs floor", "medium, C=32") == ("1.40x", True)
+    assert "Missed" not in findings(report)
+
+
+def test_the_bound_uses_the_cores_of_the_machine_that_measured() -> None:
+    """A re-render on a bigger machine must not turn a CPU-bound cell latency-bound."""
+    rows = (row("medium", 32, "novita_async", rate=60, cpu=0.005, emulator_cpu=0.01),)
+    # At the ideal (156 jobs/s) the cell needs 156 x 15 ms = 2.3 cores.
+    assert make_report(*rows, cores=2).bound("medium", 32) == "CPU"
+    assert make_report(*rows, cores=8).bound("medium", 32) == "latency"
+
+
+def test_the_worst_cell_against_the_naive_client_is_reported() -> None:
+    report = make_report(
+        row("small", 8, "novita_async", rate=38.0, cpu=0.0017),
+        row("small", 8, "naive", rate=38.5, cpu=0.0012),
+        row("small", 32, "novita_async", rate=150.0, cpu=0.0016),
+        row("small", 32, "naive", rate=100.0, cpu=0.0012),
+    )
+    value, passed = target(report, "throughput vs naive, everywhere", "small, C=8")
+    assert (value, passed) == (f"{38.0 / 38.5:.2f}x", True)
+    report.grid[0].settled_rate = 30.0
+    value, passed = target(report, "throughput vs naive, everywhere", "small, C=8")
+    assert passed is False
+    assert "novita_async 1.70 against the naive client's 1.20 ms of CPU per job" in findings(report)
+
+
+def test_the_committed_results_re_render_to_the_targets_they_recorded() -> None:
+    """RESULTS.md can be rebuilt from results.json on any machine, with the same verdicts."""
+    data = json.loads(RESULTS_JSON.read_text())
+    report = Report.from_json(data)
+    recorded = [(t["name"], t["where"], t["value"], t["passed"]) for t in data["targets"]]
+    assert [(t.name, t.where, t.value, t.passed) for t in report.targets()] == recorded
+    markdown = report.markdown()
+    for name, where, value, passed in recorded:
+        verdict = "PASS" if passed else "MISS"
+        assert f"| {name} | {where} | {value} |" in markdown
+        assert verdict in markdown
