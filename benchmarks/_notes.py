@@ -129,9 +129,17 @@ def _why(report: Report, name: str, wheres: list[str]) -> str:
                 detail = (" (timed inside novita_async against the emulator, medium at C=8: "
                           "upload 2.7 ms, download 2.7 ms, ~2.5% of a 230 ms job; four runs of "
                           "this cell gave 95.0-96.6%)") if (size, concurrency) == ("medium", 8) else ""
+                ours = report.rows(size, concurrency).get("novita_async")
+                own = ""
+                if ours and ours.valid:
+                    own_ideal = concurrency / (report.latency + ours.handling)
+                    own = (f"; against the handling time the emulator measured in novita_async's "
+                           f"own run ({ours.handling * 1e3:.0f} ms per request, against "
+                           f"{report.handling(size, concurrency) * 1e3:.0f} ms in the cell's "
+                           f"least loaded run), {ours.throughput / own_ideal:.1%}")
                 parts.append(f"{size} at C={concurrency}: latency-bound; the ideal leaves out "
                              "moving the request and the answer, for which a job holds its slot "
-                             f"too{detail}")
+                             f"too{detail}{own}")
         return ("; ".join(parts) + ". Against a remote API the emulator's CPU would not "
                 f"share this machine's {report.cores} cores with the client. Compare the peers "
                 "within a cell: they share its ideal.")

@@ -94,8 +94,8 @@ class RequestBody:
         # it joins the two into one new bytes object, a copy of the whole piece.
         # Twenty bytes make that copy free.  A small image's body, joined into
         # one piece here, was otherwise copied twice; measured against a server
-        # that costs no CPU, small images at C=128 took 0.98-1.08 ms of CPU per
-        # job with the prefix glued on and 0.78-0.87 ms with it alone.
+        # that costs no CPU, small images at C=128 took 0.86-1.02 ms of CPU per
+        # job with the prefix glued on and 0.70-0.84 ms with it alone.
         yield self._parts[0]
         try:
             async for piece in coalesce(self._pieces(), b64_length(self.chunk_size)):

@@ -65,6 +65,18 @@ def test_efficiency_is_judged_against_the_fastest_emulator_seen_in_the_cell(
     assert target(report, "efficiency vs ideal", "small, C=8") == (value, passed)
 
 
+def test_a_missed_efficiency_also_shows_the_rate_against_the_runs_own_emulator_time() -> None:
+    """The target is judged on the cell's least loaded emulator; the note adds the run's own."""
+    report = make_report(
+        row("small", 64, "novita_async", rate=297.5, cpu=0.001, handling=0.013),
+        row("small", 64, "official", rate=284.7, cpu=0.003, handling=0.004),
+    )
+    assert target(report, "efficiency vs ideal", "small, C=64") == ("94.8%", False)
+    own = 297.5 / (64 / 0.213)
+    assert (f"(13 ms per request, against 4 ms in the cell's least loaded run), {own:.1%}"
+            in findings(report))
+
+
 def test_the_cpu_target_counts_base64_and_loopback_bytes_only() -> None:
     """Floor = encode the inputs + decode the result + send + receive, per byte."""
     report = make_report(row("medium", 32, "novita_async", rate=60, cpu=0.005, emulator_cpu=0.05))
