@@ -1,7 +1,7 @@
 """``python -m benchmarks [--full]``: run the grid, print the table, write the results.
 
 Every run is a fresh ``python -m benchmarks._child`` process against a fresh
-emulator process (``--engine composite``), so neither the emulator's memory
+emulator process (``--engine composite --png-level 0``), so neither the emulator's memory
 nor an earlier run's leftovers count against a client.
 """
 
@@ -242,7 +242,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pacing-rpm", type=float, metavar="R",
                         help="the emulator's limit for the pacing runs (default: 600/min)")
     parser.add_argument("--pacing-seconds", type=float, metavar="S",
-                        help="length of each pacing run (default: 40); the first quarter is warm-up")
+                        help="length of each pacing run (default: 40, 90 with --full); the first "
+                             "quarter is warm-up")
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: rebuild RESULTS.md and results.png from the "
                              "results.json in --out")

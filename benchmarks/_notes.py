@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from benchmarks._report import CPU_FLOOR_RATIO
-
-if TYPE_CHECKING:
-    from benchmarks._report import Report
+from benchmarks._report import CPU_FLOOR_RATIO, Report
 
 __all__ = ["METHOD", "findings"]
 
@@ -61,7 +56,9 @@ METHOD = """## How it is measured
   is cheapest) plus pushing the request and pulling the response through a loopback TCP
   socket (each side timed with its own thread's CPU clock, at the write size cheapest for
   both sides together). The floor leaves out reading the inputs and writing the result,
-  which every client must also do. For small images a job's fixed costs (HTTP request,
+  which every client must also do; those are measured beside it the same way (a page-cached
+  read, a write to a new file in the results folder, at the cheapest piece size) and give
+  the column CPU/(floor+files). For small images a job's fixed costs (HTTP request,
   file opens, renames) dwarf the byte costs, so the CPU target is judged where bytes
   dominate: medium and large cells that are CPU-bound.
 - **Manifest scale.** A CSV manifest of N rows (`face_image,image,id`, the small images)
@@ -101,133 +98,117 @@ def findings(report: Report) -> str:
     if ratios:
         lines.append(f"- **Throughput vs the naive client:** {min(ratios):.2f}x to "
                      f"{max(ratios):.2f}x across the grid.")
-    missed: dict[str, list[str]] = {}
+    missed: dict[str, list[tuple[str, int]]] = {}
     for target in report.targets():
-        if target.passed is False:
-            missed.setdefault(target.name, []).append(target.where)
-    for name, wheres in missed.items():
-        lines.append(f"- **Missed: {name}** ({'; '.join(wheres)}). " + _why(report, name, wheres))
+        if target.passed is False and target.cell is not None:
+            missed.setdefault(target.name, []).append(target.cell)
+    for name, cells in missed.items():
+        where = "; ".join(f"{size}, C={concurrency}" for size, concurrency in cells)
+        lines.append(f"- **Missed: {name}** ({where}). " + _why(report, name, cells))
     lines.append("")
     return "\n".join(lines) + "\n" + FIXES
 
 
-def _why(report: Report, name: str, wheres: list[str]) -> str:
+def _why(report: Report, name: str, cells: list[tuple[str, int]]) -> str:
     if name == "efficiency vs ideal":
-        parts = []
-        for where in wheres:
-            size, _, rest = where.partition(", C=")
-            concurrency = int(rest.split(" ")[0])
-            rows = [r for r in report.rows(size, concurrency).values() if r.valid]
-            if report.bound(size, concurrency) == "CPU" and rows:
-                emulator = min(r.emulator_cpu for r in rows)
-                ideal = report.ideal(size, concurrency)
-                parts.append(
-                    f"{size} at C={concurrency}: the emulator spends {emulator * 1e3:.1f} ms of "
-                    f"CPU per request, so its ideal {ideal:.0f} jobs/s would take "
-                    f"{ideal * emulator:.1f} of the {report.cores} cores for the emulator alone")
-            else:
-                detail = (" (timed inside novita_async against the emulator, medium at C=8: "
-                          "upload 2.7 ms, download 2.7 ms, ~2.5% of a 230 ms job; four runs of "
-                          "this cell gave 95.0-96.6%)") if (size, concurrency) == ("medium", 8) else ""
-                ours = report.rows(size, concurrency).get("novita_async")
-                own = ""
-                if ours and ours.valid:
-                    own_ideal = concurrency / (report.latency + ours.handling)
-                    own = (f"; against the handling time the emulator measured in novita_async's "
-                           f"own run ({ours.handling * 1e3:.0f} ms per request, against "
-                           f"{report.handling(size, concurrency) * 1e3:.0f} ms in the cell's "
-                           f"least loaded run), {ours.throughput / own_ideal:.1%}")
-                parts.append(f"{size} at C={concurrency}: latency-bound; the ideal leaves out "
-                             "moving the request and the answer, for which a job holds its slot "
-                             f"too{detail}{own}")
-        return ("; ".join(parts) + ". Against a remote API the emulator's CPU would not "
-                f"share this machine's {report.cores} cores with the client. Compare the peers "
-                "within a cell: they share its ideal.")
+        return _why_efficiency(report, cells)
     if name == "CPU per job vs floor":
-        ours_ratios: list[float] = []
-        others: list[float] = []
-        for where in wheres:
-            size, _, rest = where.partition(", C=")
-            concurrency = int(rest.split(" ")[0])
-            with_files = report.floor_with_files(size, concurrency)
-            for client, row in report.rows(size, concurrency).items():
-                if row.valid and with_files:
-                    (ours_ratios if client == "novita_async" else others).append(
-                        row.cpu_per_job / with_files)
-        files = ""
-        model = report.floor_model
-        bounds = _file_bounds(report, wheres)
-        if ours_ratios and model.read:
-            files = (f" Every client here also reads its inputs and writes its result to a new "
-                     f"file; measured like the floor (see Machine: a byte written to a new file "
-                     f"costs {model.write / model.read:.0f} times a byte read from the page "
-                     f"cache on this VM, which backs fresh memory lazily), "
-                     f"that work raises the floor, and novita_async is at "
-                     f"{min(ours_ratios):.1f}-{max(ours_ratios):.1f}x of floor plus file work in "
-                     f"these cells (column CPU/(floor+files))"
-                     + (f", the whole-file clients at {min(others):.0f}-{max(others):.0f}x."
-                        if others else ".")
-                     + (f" Floor plus file work is already {bounds}: the goal is out of reach "
-                        "for any client that writes its results to files where that exceeds "
-                        "1.5x, and elsewhere leaves it only the rest of the budget for the "
-                        "HTTP exchange, Python and memory allocation." if bounds else ""))
-        return ("The floor counts only base64 and loopback bytes, at the cheapest speeds this "
-                "machine reaches (a streamed codec into warm buffers, the cheapest write size)."
-                + files +
-                " The rest is Python per network piece and per job, aiohttp's own copy of the "
-                "response body, and page faults on freshly allocated buffers (see Fourth round "
-                "below for a large job taken apart). Against the emulator, which shares the "
-                f"{report.cores} cores, the figures are higher than against a server that costs "
-                "no CPU (large at C=8: 24-27 ms per job there) and vary by 20-40% between runs.")
+        return _why_cpu(report, cells)
     if name == "throughput vs naive, everywhere":
-        return (f"Where both processes together need the {report.cores} cores, per-job CPU "
-                "decides: " + _cpu_against_naive(report, wheres) + "." + _overall(report, wheres))
+        return _why_naive(report, cells)
     return "See the tables above."
 
 
-def _cpu_against_naive(report: Report, wheres: list[str]) -> str:
-    """'small at C=8, novita_async 1.70 against the naive client's 1.20 ms ...' per cell named."""
+def _why_efficiency(report: Report, cells: list[tuple[str, int]]) -> str:
     parts = []
-    for where in wheres:
-        size, _, rest = where.replace("worst cell: ", "").partition(", C=")
-        concurrency = int(rest.split(" ")[0])
+    for size, concurrency in cells:
+        rows = report.rows(size, concurrency)
+        valid = [r for r in rows.values() if r.valid]
+        if report.bound(size, concurrency) == "CPU" and valid:
+            emulator = min(r.emulator_cpu for r in valid)
+            ideal = report.ideal(size, concurrency)
+            parts.append(
+                f"{size} at C={concurrency}: the emulator spends {emulator * 1e3:.1f} ms of "
+                f"CPU per request, so its ideal {ideal:.0f} jobs/s would take "
+                f"{ideal * emulator:.1f} of the {report.cores} cores for the emulator alone")
+            continue
+        ours = rows.get("novita_async")
+        own = ""
+        if ours and ours.valid:
+            own_ideal = report.ideal(size, concurrency, handling=ours.handling)
+            own = (f"; against the handling time the emulator measured in novita_async's "
+                   f"own run ({ours.handling * 1e3:.0f} ms per request, against "
+                   f"{report.handling(size, concurrency) * 1e3:.0f} ms in the cell's "
+                   f"least loaded run), {ours.throughput / own_ideal:.1%}")
+        parts.append(f"{size} at C={concurrency}: latency-bound; the ideal leaves out "
+                     "moving the request and the answer, for which a job holds its slot "
+                     f"too{own}")
+    return ("; ".join(parts) + ". Against a remote API the emulator's CPU would not "
+            f"share this machine's {report.cores} cores with the client. Compare the peers "
+            "within a cell: they share its ideal.")
+
+
+def _why_cpu(report: Report, cells: list[tuple[str, int]]) -> str:
+    ours_ratios: list[float] = []
+    others: list[float] = []
+    bounds: dict[str, str] = {}  # per size: floor plus file work against the goal
+    for size, concurrency in cells:
+        floor = report.floor_parts(size, concurrency)
+        if floor is None or not floor.files:
+            continue
+        for client, row in report.rows(size, concurrency).items():
+            if row.valid:
+                (ours_ratios if client == "novita_async" else others).append(
+                    row.cpu_per_job / floor.with_files)
+        if size not in bounds:
+            left = CPU_FLOOR_RATIO * floor.total - floor.with_files
+            rest = (f"{left * 1e3:.1f} ms per job left" if left > 0
+                    else f"{-left * 1e3:.1f} ms per job over")
+            bounds[size] = f"{floor.with_files / floor.total:.2f}x the floor for {size} images ({rest})"
+    files = ""
+    model = report.floor_model
+    if ours_ratios and model.read:
+        files = (f" Every client here also reads its inputs and writes its result to a new "
+                 f"file; measured like the floor (see Machine: a byte written to a new file "
+                 f"costs {model.write / model.read:.0f} times a byte read from the page "
+                 f"cache on this VM, which backs fresh memory lazily), "
+                 f"that work raises the floor, and novita_async is at "
+                 f"{min(ours_ratios):.1f}-{max(ours_ratios):.1f}x of floor plus file work in "
+                 f"these cells (column CPU/(floor+files))"
+                 + (f", the whole-file clients at {min(others):.0f}-{max(others):.0f}x."
+                    if others else ".")
+                 + f" Floor plus file work is already {'; '.join(bounds.values())}: the goal "
+                 "is out of reach for any client that writes its results to files where that "
+                 f"exceeds {CPU_FLOOR_RATIO}x, and elsewhere leaves it only the rest of the "
+                 "budget for the HTTP exchange, Python and memory allocation.")
+    return ("The floor counts only base64 and loopback bytes, at the cheapest speeds this "
+            "machine reaches (a streamed codec into warm buffers, the cheapest write size)."
+            + files +
+            " The rest is Python per network piece and per job, aiohttp's own copy of the "
+            "response body, and page faults on freshly allocated buffers (see Fourth round "
+            "below for a large job taken apart). Against the emulator, which shares the "
+            f"{report.cores} cores, the figures are higher than against a server that costs "
+            "no CPU (large at C=8: 24-27 ms per job there) and vary by 20-40% between runs.")
+
+
+def _why_naive(report: Report, cells: list[tuple[str, int]]) -> str:
+    """Per-job CPU of both clients in each cell, and the whole-run rates (cold start included)."""
+    cpu, overall = [], []
+    for size, concurrency in cells:
         rows = report.rows(size, concurrency)
         ours, naive = rows.get("novita_async"), rows.get("naive")
-        if ours and naive:
-            parts.append(f"{size} at C={concurrency}, novita_async {ours.cpu_per_job * 1e3:.2f} "
-                         f"against the naive client's {naive.cpu_per_job * 1e3:.2f} ms of CPU "
-                         "per job")
-    return "; ".join(parts) or "see the grid"
-
-
-def _file_bounds(report: Report, wheres: list[str]) -> str:
-    """Floor plus file work against the floor, and what a 1.5x budget leaves, per size missed."""
-    parts: dict[str, str] = {}
-    for where in wheres:
-        size, _, rest = where.partition(", C=")
-        concurrency = int(rest.split(" ")[0])
-        floor = report.floor(size, concurrency)
-        with_files = report.floor_with_files(size, concurrency)
-        if floor and with_files and size not in parts:
-            left = CPU_FLOOR_RATIO * floor - with_files
-            rest_text = (f"{left * 1e3:.1f} ms per job left" if left > 0
-                         else f"{-left * 1e3:.1f} ms per job over")
-            parts[size] = f"{with_files / floor:.2f}x the floor for {size} images ({rest_text})"
-    return "; ".join(parts.values())
-
-
-def _overall(report: Report, wheres: list[str]) -> str:
-    """The whole-run rates (cold start included) of the cells where the settled rate missed."""
-    parts = []
-    for where in wheres:
-        size, _, rest = where.replace("worst cell: ", "").partition(", C=")
-        rows = report.rows(size, int(rest.split(" ")[0]))
-        ours, naive = rows.get("novita_async"), rows.get("naive")
-        if ours and naive and naive.overall_throughput:
-            parts.append(f"{size} at C={rest.split(' ')[0]}: {ours.overall_throughput:.0f} against "
-                         f"{naive.overall_throughput:.0f} jobs/s "
-                         f"({ours.overall_throughput / naive.overall_throughput:.2f}x)")
-    return (" Over the whole run, cold start included: " + "; ".join(parts) + ".") if parts else ""
+        if not (ours and naive):
+            continue
+        cpu.append(f"{size} at C={concurrency}, novita_async {ours.cpu_per_job * 1e3:.2f} "
+                   f"against the naive client's {naive.cpu_per_job * 1e3:.2f} ms of CPU per job")
+        if naive.overall_throughput:
+            overall.append(f"{size} at C={concurrency}: {ours.overall_throughput:.0f} against "
+                           f"{naive.overall_throughput:.0f} jobs/s "
+                           f"({ours.overall_throughput / naive.overall_throughput:.2f}x)")
+    return (f"Where both processes together need the {report.cores} cores, per-job CPU "
+            f"decides: {'; '.join(cpu) or 'see the grid'}."
+            + (" Over the whole run, cold start included: " + "; ".join(overall) + "."
+               if overall else ""))
 
 
 FIXES = """## Library fixes found by these benchmarks
@@ -306,8 +287,9 @@ two in the harness and one in the emulator, and none in the client:
    previous client's results were deleted, so later clients paid more. Results now go to
    tmpfs: small C=128 CPU per job, novita_async vs naive, medians of 2: 1.77 vs 1.62 ms on
    the disk, 1.36 vs 1.12 ms on tmpfs. (Inputs stay on the disk: tmpfs has no
-   `RWF_NOWAIT`, and novita_async then reads each 384 KiB in a worker thread; medium C=8
-   cost 7.8 ms per job with inputs on tmpfs against 5.0-5.9 on the disk.)
+   `RWF_NOWAIT`, and novita_async then read each 384 KiB in a worker thread; medium C=8
+   cost 7.8 ms per job with inputs on tmpfs against 5.0-5.9 on the disk. Since the third
+   round those reads follow `file_io` and run on the event loop for local folders.)
 
 Library changes in this round:
 
@@ -372,9 +354,10 @@ jobs and share 2 cores with the emulator, so they vary by 20-40% between runs:
 
 Peak RSS growth fell with the per-chunk allocations (large at C=32: 67-75 MB before,
 47-49 MB after). Tried and not kept: smaller upload pieces (48-192 KiB instead of
-384 KiB): no difference beyond the run-to-run noise. Not done: the file write of the result
-(a thread hop per MiB, as before; buffered writes cannot be made non-blocking on ext4)
-and aiohttp's own copy of the response body.
+384 KiB): no difference beyond the run-to-run noise. Not done in this round: the file write
+of the result (a thread hop per MiB; buffered writes cannot be made non-blocking on ext4;
+the third round moved it onto the event loop for local folders) and aiohttp's own copy of
+the response body.
 
 ### First round: small images and thread hand-offs
 

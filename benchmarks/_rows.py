@@ -151,3 +151,4 @@ class Target:
     value: str
     goal: str
     passed: bool | None  # None: not measured in this run
+    cell: tuple[str, int] | None = None  # (size, concurrency) of a grid target

@@ -275,12 +275,15 @@ class NovitaClient:
     async def _prepare(
         self, inputs: tuple[tuple[object, str], ...], auto_resize: bool, output: Path | None = None
     ) -> list[ImageSource]:
-        """A source per ``(value, input_name)``, opened and checked (stat and header) in one thread hop.
+        """A source per ``(value, input_name)``, opened and checked (stat and header) in one file call.
 
-        Opening reads a small file whole or keeps a large one open, for the
-        first upload, with or without the checks (``validate``).  The same hop
-        checks that ``output`` is not an existing folder: found out after the
-        request, that would be a paid result with nowhere to go.
+        That call runs where the client's file calls for these folders run (on
+        the event loop or in a worker thread, see ``_fileio``); inputs that are
+        not paths always go to a worker thread.  Opening reads a small file
+        whole or keeps a large one open, for the first upload, with or without
+        the checks (``validate``).  The same call checks that ``output`` is not
+        an existing folder: found out after the request, that would be a paid
+        result with nowhere to go.
         """
         from novita_async import _images
 
@@ -299,8 +302,9 @@ class NovitaClient:
             return source, None
 
         def check_all() -> tuple[list[tuple[ImageSource, InvalidImageError | None]], bool]:
-            # One thread hop for every input's stat and header check: each hop
-            # costs ~65 us of CPU and several wake-ups on a busy machine.
+            # One call for every input's stat and header check: where it is a
+            # thread hop, each hop costs ~65 us of CPU and several wake-ups on
+            # a busy machine.
             checked: list[tuple[ImageSource, InvalidImageError | None]] = []
             try:
                 for value, input_name in inputs:

@@ -47,6 +47,18 @@ def write_inputs(folder: Path, count: int, *, start: int = 0) -> list[tuple[Path
     return pairs
 
 
+def write_folder_inputs(root: Path, count: int, *, start: int = 0) -> tuple[Path, Path]:
+    """Write ``count`` pairs as ``root/faces/fNN.png`` and ``root/images/iNN.png``; return both folders."""
+    faces, images = root / "faces", root / "images"
+    faces.mkdir(parents=True, exist_ok=True)
+    images.mkdir(parents=True, exist_ok=True)
+    for index in range(start, start + count):
+        face, target = job_images(index)
+        (faces / f"f{index:02d}.png").write_bytes(face)
+        (images / f"i{index:02d}.png").write_bytes(target)
+    return faces, images
+
+
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Path:
     """A CSV manifest."""
     path.parent.mkdir(parents=True, exist_ok=True)

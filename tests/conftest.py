@@ -6,6 +6,7 @@ import base64
 import contextlib
 import io
 import ipaddress
+import random
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -74,6 +75,15 @@ def _loopback_only(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
 def anyio_backend() -> str:
     """Run async tests on asyncio (aiohttp needs it)."""
     return "asyncio"
+
+
+def noise_png(seed: int, size: int = 48) -> bytes:
+    """A PNG of random pixels: unique per seed (so each job has its own emulator key)."""
+    rng = random.Random(seed)
+    image = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def make_image(

@@ -525,12 +525,13 @@ async def test_stop_ends_a_retry_back_off_at_once(emulator_factory: EmulatorFact
     out = tmp_path / "out"
     async with emulator_factory(faults=Faults(fail_first=1, fail_first_kind="503")) as emu:
         async with client_for(emu, max_concurrency=1, retry=slow_retry) as client:
-            results = []
             async with client.batch(memory_jobs(2), output_dir=out, ledger=out / "ledger.jsonl",
                                     progress=False) as run:
 
                 async def stop_soon() -> None:
-                    await anyio.sleep(0.5)  # both first attempts have failed; their retries wait 30 s
+                    while emu.stats.requests < 2:  # noqa: ASYNC110  # polling a counter no event announces
+                        await anyio.sleep(0.01)
+                    await anyio.sleep(0.05)  # both first attempts failed (503); their retries wait 30 s
                     run.stop()
 
                 started = time.monotonic()

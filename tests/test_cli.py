@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from novita_async._cli import build_parser, main
+from novita_async._cli import _client_from_args, build_parser, main
 from novita_async.emulator import EmulatorConfig, Faults
 
 from .batch_support import (
@@ -158,6 +158,10 @@ def test_file_io_option(emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.Ca
     code, _, err = run_cli(capsys, "batch", manifest, "-o", out, "--file-io", "threads", "--no-progress",
                            *connect(emu))
     assert code == 0, err
+    # The choice reaches the client (a run in threads looks the same from outside).
+    args = build_parser().parse_args(["batch", str(manifest), "-o", str(out), "--file-io", "threads",
+                                      *map(str, connect(emu))])
+    assert _client_from_args(args)._files.mode == "threads"
     assert summary_counts(err) == (4, 0, 0) and len(results_in(out)) == 4
     with pytest.raises(SystemExit) as exited:
         main(["batch", str(manifest), "-o", str(out), "--file-io", "fast", *connect(emu)])

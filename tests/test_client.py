@@ -26,7 +26,7 @@ from novita_async._pacing import Pacer
 from novita_async._sources import _encode_pil
 from novita_async.emulator import Emulator, Faults, job_key
 
-from .conftest import FAST_RETRY, flat_image, make_image
+from .conftest import FAST_RETRY, flat_image, make_image, noise_png
 
 pytestmark = pytest.mark.anyio
 
@@ -744,11 +744,9 @@ async def test_text_mode_file_is_refused(emulator: Emulator, tmp_path: Path) -> 
 
 def big_png(seed: int) -> bytes:
     """A valid noise PNG over 1 MiB (the size above which the header check keeps the file open)."""
-    noise = Image.frombytes("RGB", (620, 620), bytes((i * 7 + seed) % 251 for i in range(620 * 620 * 3)))
-    buffer = io.BytesIO()
-    noise.save(buffer, format="PNG", compress_level=0)
-    assert len(buffer.getvalue()) > 1024 * 1024
-    return buffer.getvalue()
+    data = noise_png(seed, 620)
+    assert len(data) > 1024 * 1024
+    return data
 
 
 def open_files() -> int:

@@ -334,6 +334,7 @@ def test_coalesce_keeps_the_bytes_and_merges_all_it_can(sizes: list[int], limit:
     assert all(a + b > limit for a, b in itertools.pairwise(lengths))
     # Only a piece that is larger on its own makes a write larger than the limit.
     assert all(n <= max([limit, *sizes]) for n in lengths)
+    assert all(len(out) <= limit or any(out is piece for piece in inputs) for out in outputs)
 
 
 async def test_a_small_body_is_the_prefix_then_one_write() -> None:

@@ -567,13 +567,19 @@ def test_fit_refuses_too_thin_to_fit(tmp_path: Path) -> None:
     assert caught.value.rule == "min_resolution"
 
 
-@pytest.mark.parametrize("block", [2, 3, 5, 64])
+@pytest.mark.parametrize("block", [2, 3, 5, 64, "split"])
 def test_end_of_picture_found_across_read_boundaries(
-    corpus: dict[str, Path], monkeypatch: pytest.MonkeyPatch, block: int
+    corpus: dict[str, Path], monkeypatch: pytest.MonkeyPatch, block: int | str
 ) -> None:
     """The search for FF D9 inside a file reads in blocks; a marker split between two is found."""
     from novita_async import _imageformat
 
+    if block == "split":  # the first read ends between the FF and the D9 of the picture's end
+        data = corpus["motion_photo.jpg"].read_bytes()
+        scan = next(pos for marker, pos in _imageformat._jpeg_segments(io.BytesIO(data), 0, len(data))
+                    if marker == 0xDA)
+        block = data.index(b"\xff\xd9", scan + 2) - (scan + 2) + 1
+        assert data[scan + 2 + block - 1] == 0xFF
     monkeypatch.setattr(_imageformat, "_JPEG_SCAN_BLOCK", block)
     assert check_path(corpus["motion_photo.jpg"]).format == "JPEG"
     with pytest.raises(InvalidImageError, match="rule truncated"):

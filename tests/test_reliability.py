@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import random
@@ -32,6 +31,8 @@ from PIL import Image
 
 import novita_async as na
 from novita_async.emulator import Emulator, EmulatorConfig, Faults, job_key
+
+from .conftest import noise_png
 
 pytestmark = pytest.mark.anyio
 
@@ -62,15 +63,6 @@ def record_figures(name: str, **values: Any) -> None:
     if target:
         with open(target, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"test": name, **values}, default=str) + "\n")
-
-
-def noise_png(seed: int, size: int = 48) -> bytes:
-    """A PNG of random pixels: unique per seed (so each job has its own emulator key)."""
-    rng = random.Random(seed)
-    image = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def write_pairs(folder: Path, count: int, size: int = 48) -> list[tuple[Path, Path]]:

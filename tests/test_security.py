@@ -35,8 +35,7 @@ import novita_async as na
 from novita_async._cli import build_parser
 from novita_async.emulator import Emulator, EmulatorConfig, Faults
 
-from .conftest import make_image, serving
-from .test_reliability import noise_png
+from .conftest import make_image, noise_png, serving
 
 pytestmark = pytest.mark.anyio
 

@@ -20,7 +20,14 @@ from novita_async._shard import assign_id, parse_shard, shard_rpm
 from novita_async._status import run_status
 from novita_async.emulator import EmulatorConfig
 
-from .batch_support import ThreadedEmulator, csv_manifest, job_images, ledger_lines, write_csv, write_inputs
+from .batch_support import (
+    ThreadedEmulator,
+    csv_manifest,
+    ledger_lines,
+    write_csv,
+    write_folder_inputs,
+    write_inputs,
+)
 from .conftest import flat_image
 
 # -- the partition ------------------------------------------------------------------------
@@ -307,27 +314,16 @@ def test_cli_shard_usage_errors(
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def _write_folders(root: Path, indices: range) -> tuple[Path, Path]:
-    faces, images = root / "faces", root / "images"
-    faces.mkdir(exist_ok=True)
-    images.mkdir(exist_ok=True)
-    for index in indices:
-        face, target = job_images(index)
-        (faces / f"f{index:02d}.png").write_bytes(face)
-        (images / f"i{index:02d}.png").write_bytes(target)
-    return faces, images
-
-
 def test_cli_status_of_a_run_over_two_folders(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`status --faces --images` counts what is left of a folder run, as the batch pairs them."""
-    faces, images = _write_folders(tmp_path, range(3))
+    faces, images = write_folder_inputs(tmp_path, 3)
     out = tmp_path / "out"
     code, _, _ = _run(capsys, "batch", "--faces", faces, "--images", images, "-o", out, "--no-progress",
                       "--base-url", emu.url, "--api-key", emu.api_key)
     assert code == 0
-    _write_folders(tmp_path, range(3, 5))  # two more pairs since
+    write_folder_inputs(tmp_path, 2, start=3)  # two more pairs since
     code, text, _ = _run(capsys, "status", out, "--faces", faces, "--images", images)
     assert code == 0
     assert "left 2 (2 never run, 0 failed or not attempted)" in text
