@@ -158,8 +158,9 @@ class Report:
     def handling(self, size: str, concurrency: int) -> float:
         """The emulator's time per request for the cell: the least any peer's run saw.
 
-        Under CPU contention a hungrier client slows the emulator down too; the
-        least-contended measurement keeps one honest ideal for all peers.
+        Under CPU contention a busier client slows the emulator down too; the
+        least-contended measurement gives the grid table one ideal to compare all
+        peers against.  The efficiency target uses each run's own (issue 5's words).
         """
         values = [r.handling for r in self.rows(size, concurrency).values() if r.valid]
         return min(values) if values else 0.0
@@ -219,9 +220,13 @@ class Report:
                 out.append(Target("efficiency vs ideal", where, "not run", ">= 95%", None,
                                   (size, concurrency)))
                 continue
-            eff = row.throughput / self.ideal(size, concurrency)
-            out.append(Target("efficiency vs ideal", where, f"{eff:.1%}", ">= 95%",
-                              eff >= EFFICIENCY_TARGET, (size, concurrency)))
+            # Issue 5's ideal: the emulator's handling time as it measured it in this
+            # run.  The cell's shared ideal (its least loaded run) is shown beside it.
+            eff = row.throughput / self.ideal(size, concurrency, handling=row.handling)
+            shared = row.throughput / self.ideal(size, concurrency)
+            out.append(Target("efficiency vs ideal", where,
+                              f"{eff:.1%} ({shared:.1%} vs the cell's least loaded emulator)",
+                              ">= 95%", eff >= EFFICIENCY_TARGET, (size, concurrency)))
         worst: tuple[float, tuple[str, int]] | None = None
         for size, concurrency in self.cells():
             rows = self.rows(size, concurrency)
