@@ -47,10 +47,10 @@ METHOD = """## How it is measured
   eff. columns use that one shared ideal per cell (the run where the emulator was
   fastest), so all peers in a cell are compared against the same bar: under CPU
   contention a busier client slows the emulator too, and how its requests bunch up
-  sets how long they wait for the emulator's 2 merge workers. A cell is marked **CPU-bound** when running at the
-  ideal rate would need more than 80% of the machine's cores (emulator CPU per request plus
-  the leanest client's CPU per job); there the 2 cores, not the latency, set the pace, and
-  CPU per job is the figure that counts.
+  sets how long they wait for the emulator's 2 merge workers. A cell is marked
+  **CPU-bound** when running at the ideal rate would need more than 80% of the machine's
+  cores (emulator CPU per request plus the leanest client's CPU per job); there the 2
+  cores, not the latency, set the pace, and CPU per job is the figure that counts.
 - **Memory.** Idle RSS is taken in the child after its imports; the kernel's peak-RSS mark
   (`VmHWM`) is then reset (`/proc/self/clear_refs`) and read after the run. Growth = peak -
   idle.
