@@ -482,6 +482,27 @@ async def test_read_timeout_on_a_dripping_answer(emulator_factory: Callable[...,
         await wait_idle(emu)
 
 
+@pytest.mark.parametrize("output", ["memory", "file"])
+async def test_a_connection_idle_longer_than_the_read_timeout_is_reused_cleanly(
+    emulator: Emulator, tmp_path: Path, output: str
+) -> None:
+    """The read timeout guards a read in flight, never a connection waiting in the pool.
+
+    aiohttp 3.14.0 and 3.14.1 armed it again on a connection already back in the pool
+    (aio-libs/aiohttp#12953): once idle for longer, the next request on it failed at
+    once with a read timeout after its body had been sent, and a retry sent the job
+    twice.  Such versions are excluded from the dependencies; this keeps it so.
+    """
+    target = tmp_path / "out.png" if output == "file" else None
+    async with client_for(emulator, timeout=na.Timeout(total=10, read=0.2),
+                          max_concurrency=1) as client:
+        await client.merge_face(FACE, TARGET, output=target)
+        await anyio.sleep(0.5)
+        again = await client.merge_face(FACE, TARGET, output=target)
+    assert again.attempts == 1
+    assert emulator.stats.requests == 2
+
+
 async def test_cancellation_stops_at_once(
     emulator_factory: Callable[..., Emulator], tmp_path: Path
 ) -> None:
