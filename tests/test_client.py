@@ -503,6 +503,27 @@ async def test_a_connection_idle_longer_than_the_read_timeout_is_reused_cleanly(
     assert emulator.stats.requests == 2
 
 
+async def test_a_connection_the_server_closed_while_idle_costs_no_attempt(
+    emulator_factory: Callable[..., Emulator],
+) -> None:
+    """Servers close idle keep-alive connections; the next call opens a new one, first time."""
+    async with emulator_factory(keepalive_timeout=0.1) as emu, client_for(emu, max_concurrency=1) as client:
+        for _ in range(3):
+            result = await client.merge_face(FACE, TARGET)
+            assert result.attempts == 1
+            await anyio.sleep(0.4)  # the emulator closes the connection meanwhile
+        assert emu.stats.requests == 3
+        assert emu.stats.connections == 3
+
+
+async def test_calls_in_a_row_share_one_kept_alive_connection(emulator: Emulator) -> None:
+    async with client_for(emulator, max_concurrency=1) as client:
+        for _ in range(3):
+            assert (await client.merge_face(FACE, TARGET)).attempts == 1
+    assert emulator.stats.requests == 3
+    assert emulator.stats.connections == 1
+
+
 async def test_cancellation_stops_at_once(
     emulator_factory: Callable[..., Emulator], tmp_path: Path
 ) -> None:

@@ -413,10 +413,12 @@ def test_faults_validation(kwargs: dict[str, Any]) -> None:
         pytest.param({"engine": "magic"}, id="engine"),
         pytest.param({"api_keys": ()}, id="no-keys"),
         pytest.param({"png_level": 10}, id="png-level"),
+        pytest.param({"keepalive_timeout": 0}, id="keepalive-timeout"),
     ],
 )
 def test_config_validation(kwargs: dict[str, Any]) -> None:
-    """EmulatorConfig refuses an unknown engine, an empty key list and a zlib level past 9."""
+    """EmulatorConfig refuses an unknown engine, an empty key list, a zlib level past 9
+    and a keep-alive timeout that is not positive."""
     with pytest.raises(ValueError):
         EmulatorConfig(**kwargs)
 
@@ -630,9 +632,11 @@ def test_serve_options_make_the_config() -> None:
     parser = argparse.ArgumentParser()
     add_serve_options(parser)
     args = parser.parse_args(["--png-level", "0", "--rpm", "60", "--burst", "2", "--fault", "503=0.25",
-                              "--engine", "composite", "--latency", "0.1"])
+                              "--engine", "composite", "--latency", "0.1", "--keepalive-timeout", "5"])
     config = config_from_args(args)
     assert (config.png_level, config.rate_limit_rpm, config.rate_limit_burst) == (0, 60, 2)
+    assert config.keepalive_timeout == 5.0
+    assert config_from_args(parser.parse_args([])).keepalive_timeout == 75.0
     assert (config.engine, config.latency, dict(config.faults.rates)) == ("composite", 0.1, {"503": 0.25})
     assert config_from_args(parser.parse_args([])).png_level == 1
     with pytest.raises(SystemExit):

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,8 @@ class EmulatorStats:
             decode, merge, encode), not counting the latency knob or network
             I/O; benchmarks divide by ``handled`` for the per-request time.
         handling_cpu_seconds: CPU seconds of the parse and merge steps.
+        connections: TCP connections that carried merge-face requests (a
+            client that keeps its connections alive opens few).
     """
 
     requests: int = 0
@@ -70,6 +73,16 @@ class EmulatorStats:
     handled: int = 0
     handling_seconds: float = 0.0
     handling_cpu_seconds: float = 0.0
+    connections: int = 0
+    # The connections' transports seen so far; weak, so a closed one's memory
+    # (and identity) can be reused without being mistaken for it.
+    _transports: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet, repr=False)
+
+    def count_connection(self, transport: object) -> None:
+        """Count a connection (its transport) the first time it carries a request."""
+        if transport is not None and transport not in self._transports:
+            self._transports.add(transport)
+            self.connections += 1
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready snapshot."""
@@ -87,6 +100,7 @@ class EmulatorStats:
             "handled": self.handled,
             "handling_seconds": self.handling_seconds,
             "handling_cpu_seconds": self.handling_cpu_seconds,
+            "connections": self.connections,
             # time.monotonic() of the first request (system-wide on Linux).
             "first_request_at": self.started_at[0] if self.started_at else None,
         }
@@ -375,6 +389,7 @@ async def _merge_face(request: web.Request) -> web.StreamResponse:
     stats = request.app[STATS]
     state = request.app[_STATE]
     stats.requests += 1
+    stats.count_connection(request.transport)
     stats.started_at.append(time.monotonic())
     stats.in_flight += 1
     stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)

@@ -50,6 +50,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                         help="successful merges before BILLING_BALANCE_NOT_ENOUGH")
     parser.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                         help="zlib level of PNG results; 0 stores them uncompressed (default: 1)")
+    parser.add_argument("--keepalive-timeout", type=float, default=75.0, metavar="S",
+                        help="seconds before an idle keep-alive connection is closed (default: 75)")
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
@@ -60,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         api_keys=tuple(args.api_keys or (DEFAULT_API_KEY,)), latency=args.latency, jitter=args.jitter,
         faults=faults, rate_limit_rpm=args.rpm, rate_limit_burst=args.burst,
         rate_limit_retry_after=args.retry_after, merge_workers=args.workers, engine=args.engine,
-        balance=args.balance, png_level=args.png_level,
+        balance=args.balance, png_level=args.png_level, keepalive_timeout=args.keepalive_timeout,
     )
 
 

@@ -92,6 +92,9 @@ class EmulatorConfig:
         png_level: zlib level of PNG results, 0-9; 0 stores them uncompressed
             (cheapest for the emulator; benchmarks use it so the emulator's
             CPU does not crowd the client's).
+        keepalive_timeout: Seconds an idle keep-alive connection stays open
+            before the emulator closes it, as servers and their load balancers
+            do (aiohttp's default: 75).
     """
 
     api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
@@ -106,8 +109,12 @@ class EmulatorConfig:
     balance: int | None = None
     max_body_bytes: int = 2 * 41 * 1024 * 1024 + 64 * 1024
     png_level: int = 1
+    keepalive_timeout: float = 75.0
 
     def __post_init__(self) -> None:
+        if not self.keepalive_timeout > 0:
+            raise ValueError(f"keepalive_timeout must be a positive number of seconds, "
+                             f"not {self.keepalive_timeout!r}")
         if not 0 <= self.png_level <= 9:
             raise ValueError(f"png_level must be 0-9, not {self.png_level}")
         if self.engine not in ("auto", "face", "composite"):

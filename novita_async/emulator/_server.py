@@ -63,7 +63,8 @@ class Emulator:
         """Start serving; afterwards ``url`` has the real port."""
         # handler_cancellation: a request whose client gave up (timeout) stops
         # counting as in flight at once, as on a real server behind a proxy.
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                                     keepalive_timeout=self.config.keepalive_timeout)
         await self._runner.setup()
         await self.resume()
         return self
