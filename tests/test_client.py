@@ -489,9 +489,9 @@ async def test_a_connection_idle_longer_than_the_read_timeout_is_reused_cleanly(
     """The read timeout guards a read in flight, never a connection waiting in the pool.
 
     aiohttp 3.14.0 and 3.14.1 armed it again on a connection already back in the pool
-    (aio-libs/aiohttp#12953): once idle for longer, the next request on it failed at
-    once with a read timeout after its body had been sent, and a retry sent the job
-    twice.  Such versions are excluded from the dependencies; this keeps it so.
+    (aio-libs/aiohttp#12953): once idle for longer, the next call's first attempt on it
+    failed at once with a spurious read timeout, costing a retry (or the job, with
+    retries off).  Those versions are excluded from the dependencies; this keeps it so.
     """
     target = tmp_path / "out.png" if output == "file" else None
     async with client_for(emulator, timeout=na.Timeout(total=10, read=0.2),
@@ -517,6 +517,7 @@ async def test_a_connection_the_server_closed_while_idle_costs_no_attempt(
 
 
 async def test_calls_in_a_row_share_one_kept_alive_connection(emulator: Emulator) -> None:
+    """The client keeps its connection alive: no new TCP (or TLS) handshake per call."""
     async with client_for(emulator, max_concurrency=1) as client:
         for _ in range(3):
             assert (await client.merge_face(FACE, TARGET)).attempts == 1
