@@ -51,7 +51,7 @@ from novita_async._transport import send_merge_request
 from novita_async._version import __version__
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+    from collections.abc import AsyncIterable, Iterable
     from types import TracebackType
 
     from novita_async._batch import BatchRun
@@ -75,18 +75,6 @@ _RESIZABLE_RULES = frozenset({"max_resolution", "max_size", "color_mode"})
 send_gate: contextvars.ContextVar[SendGate | None] = contextvars.ContextVar(
     "novita_async_send_gate", default=None
 )
-
-
-def _gated_sleep(gate: SendGate | None) -> Callable[[float], Awaitable[None]]:
-    """The retry back-off's sleep: ended early by a closing gate (the next attempt then stops)."""
-    if gate is None:
-        return anyio.sleep
-
-    async def sleep(seconds: float) -> None:
-        with gate.waiting():
-            await anyio.sleep(seconds)
-
-    return sleep
 
 
 class _State(enum.Enum):
@@ -420,7 +408,8 @@ class NovitaClient:
                 return image_type, sink
 
             (image_type, sink), attempts = await retry_call(
-                attempt, self.retry, what="merge-face", sleep=_gated_sleep(gate))
+                attempt, self.retry, what="merge-face",
+                sleep=gate.sleep if gate is not None else anyio.sleep)
             data = sink.data if isinstance(sink, MemorySink) else None
             return MergeFaceResult(
                 image_type=image_type, path=out_path, data=data,

@@ -45,6 +45,11 @@ class SendGate:
         finally:
             self._waiting.discard(scope)
 
+    async def sleep(self, seconds: float) -> None:
+        """Sleep (a retry's back-off) with the gate open; a gate that closes ends it early."""
+        with self.waiting():
+            await anyio.sleep(seconds)
+
     async def admit(self, wait: Callable[[], Awaitable[None]]) -> None:
         """Wait (for a pacing turn) with the gate open, then let the attempt go or raise why not.
 
