@@ -7,7 +7,7 @@ import itertools
 import os
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -92,7 +92,7 @@ async def test_concurrency_is_reached_and_never_exceeded(
 # -- pacing -----------------------------------------------------------------------------
 
 
-def start_rate(started: list[float]) -> float:
+def start_rate(started: Sequence[float]) -> float:
     """Requests per second between the first and the last start."""
     return (len(started) - 1) / (started[-1] - started[0])
 

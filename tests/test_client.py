@@ -368,13 +368,13 @@ async def test_502_html_message(emulator_factory: Callable[..., Emulator]) -> No
 
 
 async def test_wrong_path_is_not_found(emulator: Emulator) -> None:
-    """A base URL with a wrong path gets aiohttp's 404, raised as NotFoundError."""
+    """A base URL with a wrong path gets 404 API_NOT_FOUND, raised as NotFoundError, not retried."""
     async with na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url + "/wrong",
                                retry=FAST_RETRY) as client:
         with pytest.raises(na.NotFoundError) as info:
             await client.merge_face(FACE, TARGET)
     assert info.value.status == 404
-    assert info.value.reason is None
+    assert info.value.reason == "API_NOT_FOUND"
     assert info.value.attempts == 1
     assert emulator.stats.requests == 0
 

@@ -138,6 +138,9 @@ async def test_default_type_is_png(http: aiohttp.ClientSession, emulator: Emulat
                      id="data-url-prefix"),
         pytest.param(payload(response_image_type="gif"), "INVALID_REQUEST_BODY",
                      id="bad-output-type"),
+        pytest.param({**payload(), "extra": []}, "INVALID_REQUEST_BODY", id="extra-a-list"),
+        pytest.param({**payload(), "extra": "png"}, "INVALID_REQUEST_BODY", id="extra-a-string"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, "INVALID_REQUEST_BODY", id="nested-too-deep"),
         pytest.param(payload(face=b"definitely not an image"), "INVALID_IMAGE_FORMAT",
                      id="undecodable"),
         pytest.param(payload(image=FACE[: len(FACE) // 2]), "INVALID_IMAGE_FORMAT",
@@ -168,11 +171,71 @@ async def test_2048_px_is_accepted(http: aiohttp.ClientSession, emulator: Emulat
     assert answer.status == 200
 
 
-async def test_wrong_content_type(http: aiohttp.ClientSession, emulator: Emulator) -> None:
+@pytest.mark.parametrize("content_type", ["text/plain", "application/jsonx", "application/json-seq"])
+async def test_wrong_content_type(
+    http: aiohttp.ClientSession, emulator: Emulator, content_type: str
+) -> None:
     """A body not labelled application/json is refused."""
-    answer = await post(http, emulator, json.dumps(payload()).encode(), content_type="text/plain")
+    answer = await post(http, emulator, json.dumps(payload()).encode(), content_type=content_type)
     assert answer.status == 400
     assert answer.json()["reason"] == "INVALID_REQUEST_BODY"
+
+
+async def test_json_with_a_charset_is_accepted(http: aiohttp.ClientSession, emulator: Emulator) -> None:
+    """Parameters of the JSON content type, such as a charset, are fine."""
+    answer = await post(http, emulator, json.dumps(payload()).encode(),
+                        content_type="application/json; charset=utf-8")
+    assert answer.status == 200
+
+
+async def test_an_extra_that_is_not_an_object_is_named(
+    http: aiohttp.ClientSession, emulator: Emulator
+) -> None:
+    """The error for a malformed `extra` names `extra`, not one of its fields."""
+    answer = await post(http, emulator, {**payload(), "extra": "png"})
+    assert answer.json()["message"] == "extra must be a JSON object"
+
+
+async def test_an_mpo_camera_jpeg_is_accepted(http: aiohttp.ClientSession, emulator: Emulator) -> None:
+    """An MPO (a JPEG with a second picture, as phone cameras write) is read as the JPEG it is."""
+    first = Image.open(io.BytesIO(make_image((120, 100), fmt="JPEG", seed=3)))
+    second = Image.open(io.BytesIO(make_image((120, 100), fmt="JPEG", seed=4)))
+    buffer = io.BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[second])
+    mpo = buffer.getvalue()
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    answer = await post(http, emulator, payload(image=mpo))
+    assert answer.status == 200, answer.body[:200]
+    result = Image.open(io.BytesIO(base64.b64decode(answer.json()["image_file"])))
+    assert result.size == (120, 100)
+
+
+async def test_a_16_bit_greyscale_face_is_scaled_not_clipped(
+    http: aiohttp.ClientSession, emulator: Emulator
+) -> None:
+    """A 16-bit greyscale PNG merges as its 8-bit version does (Pillow's plain conversion
+    would clip it to white)."""
+    grey = Image.open(io.BytesIO(FACE)).convert("L")
+    wide = Image.new("I;16", grey.size)
+    wide.frombytes(bytes(byte for value in grey.tobytes() for byte in (value * 257).to_bytes(2, "little")))
+
+    async def merged(face: Image.Image) -> Image.Image:
+        buffer = io.BytesIO()
+        face.save(buffer, format="PNG")
+        answer = await post(http, emulator, payload(face=buffer.getvalue()))
+        assert answer.status == 200, answer.body[:200]
+        return Image.open(io.BytesIO(base64.b64decode(answer.json()["image_file"]))).convert("RGB")
+
+    assert Image.open(io.BytesIO(_png_bytes(wide))).mode.startswith("I")
+    eight, sixteen = await merged(grey), await merged(wide)
+    difference = max(abs(a - b) for a, b in zip(eight.tobytes(), sixteen.tobytes(), strict=True))
+    assert difference <= 1
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize(
@@ -246,11 +309,66 @@ async def test_small_body_limit(
         assert answer.json()["reason"] == "IMAGE_FILE_EXCEEDS_MAX_SIZE"
 
 
-async def test_unknown_path_is_404(http: aiohttp.ClientSession, emulator: Emulator) -> None:
-    """Other paths get aiohttp's 404 (text, not the API's JSON)."""
-    answer = await post(http, emulator, payload(), path="/v3/nope")
+@pytest.mark.parametrize("path", ["/v3/nope", "/v3/merge-face/", "/v3/merge_face"])
+async def test_unknown_path_is_404_api_not_found(
+    http: aiohttp.ClientSession, emulator: Emulator, path: str
+) -> None:
+    """Other paths get 404 API_NOT_FOUND in the API's JSON error shape."""
+    answer = await post(http, emulator, payload(), path=path)
     assert answer.status == 404
+    assert answer.json() == {"code": 404, "reason": "API_NOT_FOUND", "message": f"no API at {path}",
+                             "metadata": {}}
     assert emulator.stats.requests == 0
+
+
+async def test_wrong_method_is_405_in_the_error_shape(
+    http: aiohttp.ClientSession, emulator: Emulator
+) -> None:
+    """GET on the merge-face route is 405 with an Allow header and the API's JSON error shape."""
+    async with http.get(emulator.url + PATH) as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "POST"
+        doc = await response.json()
+    assert (doc["code"], doc["reason"]) == (405, "METHOD_NOT_ALLOWED")
+    assert emulator.stats.requests == 0
+
+
+async def _raw_exchange(emu: Emulator, head: bytes, body: bytes) -> tuple[int, dict[str, Any]]:
+    """Send one hand-written HTTP/1.1 request (bytes aiohttp's client would not send)."""
+    host, port = emu.url.removeprefix("http://").rsplit(":", 1)
+    async with await anyio.connect_tcp(host, int(port)) as stream:
+        await stream.send(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        reply = b""
+        with anyio.fail_after(10):
+            try:
+                while True:
+                    reply += await stream.receive()
+            except anyio.EndOfStream:
+                pass
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+async def test_a_key_that_is_not_utf8_is_invalid_not_a_crash(emulator: Emulator) -> None:
+    """Authorization bytes that are not UTF-8 are a wrong key: 403 INVALID_API_KEY, not a 500."""
+    head = (b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer sk_\xe9\xff\r\n")
+    status, doc = await _raw_exchange(emulator, head, json.dumps(payload()).encode())
+    assert (status, doc["reason"]) == (403, "INVALID_API_KEY")
+
+
+async def test_a_missing_key_is_reported_before_the_body_size(
+    http: aiohttp.ClientSession, emulator_factory: Callable[..., Emulator]
+) -> None:
+    """The key is checked from the headers first: a key-less request with a body over the
+    limit is MISSING_API_KEY, as a gateway answers, and the connection stays usable."""
+    async with emulator_factory(max_body_bytes=1000) as emu:
+        body = json.dumps(payload()).encode()
+        assert len(body) > 1000
+        answer = await post(http, emu, body, key=None)
+        assert (answer.status, answer.json()["reason"]) == (400, "MISSING_API_KEY")
+        answer = await post(http, emu, b"{}", key="sk_wrong")
+        assert (answer.status, answer.json()["reason"]) == (403, "INVALID_API_KEY")
 
 
 async def test_balance_runs_out(
@@ -265,8 +383,29 @@ async def test_balance_runs_out(
             assert answer.json()["reason"] == "BILLING_BALANCE_NOT_ENOUGH"
 
 
+async def test_balance_is_not_overspent_by_concurrent_requests(
+    http: aiohttp.ClientSession, emulator_factory: Callable[..., Emulator]
+) -> None:
+    """Merges under way hold their share of the balance: with a balance of 1, four requests
+    at once give one success and three BILLING_BALANCE_NOT_ENOUGH; a failed merge gives its
+    share back."""
+    async with emulator_factory(balance=1, latency=0.3) as emu:
+        assert (await post(http, emu, payload(face=flat_image()))).status == 400  # no face: not spent
+        answers: list[Answer] = []
+
+        async def one() -> None:
+            answers.append(await post(http, emu, payload()))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(4):
+                group.start_soon(one)
+        assert sorted(answer.status for answer in answers) == [200, 400, 400, 400]
+        assert {answer.json().get("reason") for answer in answers if answer.status == 400} == {
+            "BILLING_BALANCE_NOT_ENOUGH"}
+
+
 async def test_latency(http: aiohttp.ClientSession, emulator_factory: Callable[..., Emulator]) -> None:
-    """latency delays each successful merge."""
+    """latency delays each merge."""
     async with emulator_factory(latency=0.15) as emu:
         started = time.monotonic()
         assert (await post(http, emu, payload())).status == 200
@@ -340,6 +479,8 @@ async def test_fault_does_what_fault_kinds_says(
             assert isinstance(first, Answer) and first.status == 200
             assert took >= len(first.body) * 0.002
             assert first.json()["image_type"] == "png"
+            # A patient client gets a real (tiny) image, not a corrupt one.
+            assert Image.open(io.BytesIO(base64.b64decode(first.json()["image_file"]))).size == (1, 1)
         elif kind == "bad_json":
             assert isinstance(first, Answer) and first.status == 200
             with pytest.raises(ValueError):
@@ -392,6 +533,27 @@ async def test_fault_rates(
     assert {200, 503} == set(outcomes[0])
 
 
+async def test_seeded_faults_do_not_depend_on_arrival_order(
+    http: aiohttp.ClientSession, emulator_factory: Callable[..., Emulator]
+) -> None:
+    """With a seed, each job's fault is the same however its concurrent requests interleave."""
+    jobs = [payload(face=make_image(seed=100 + index)) for index in range(16)]
+    outcomes = []
+    for order in (jobs, jobs[::-1]):
+        async with emulator_factory(faults=Faults(rates={"503": 0.5}, seed=7), latency=0.01) as emu:
+            statuses: dict[str, int] = {}
+
+            async def one(job: dict[str, Any], statuses: dict[str, int] = statuses) -> None:
+                statuses[job["face_image_file"]] = (await post(http, emu, job)).status
+
+            async with anyio.create_task_group() as group:
+                for job in order:
+                    group.start_soon(one, job)
+            outcomes.append(statuses)
+    assert outcomes[0] == outcomes[1]
+    assert set(outcomes[0].values()) == {200, 503}
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -399,6 +561,9 @@ async def test_fault_rates(
         pytest.param({"fail_first_kind": "nope"}, id="unknown-first-kind"),
         pytest.param({"rates": {"500": 0.7, "503": 0.7}}, id="over-1"),
         pytest.param({"rates": {"500": -0.1}}, id="negative"),
+        pytest.param({"fail_first": -1}, id="fail-first"),
+        pytest.param({"slow_seconds": -1}, id="slow-seconds"),
+        pytest.param({"drip_interval": -0.5}, id="drip-interval"),
     ],
 )
 def test_faults_validation(kwargs: dict[str, Any]) -> None:
@@ -414,12 +579,21 @@ def test_faults_validation(kwargs: dict[str, Any]) -> None:
         pytest.param({"api_keys": ()}, id="no-keys"),
         pytest.param({"png_level": 10}, id="png-level"),
         pytest.param({"keepalive_timeout": 0}, id="keepalive-timeout"),
+        pytest.param({"merge_workers": 0}, id="no-workers"),
+        pytest.param({"rate_limit_rpm": -5}, id="negative-rpm"),
+        pytest.param({"rate_limit_rpm": 0}, id="zero-rpm"),
+        pytest.param({"rate_limit_burst": 0}, id="burst"),
+        pytest.param({"balance": -1}, id="balance"),
+        pytest.param({"latency": -0.1}, id="latency"),
+        pytest.param({"jitter": -1}, id="jitter"),
+        pytest.param({"max_body_bytes": 0}, id="max-body"),
     ],
 )
 def test_config_validation(kwargs: dict[str, Any]) -> None:
-    """EmulatorConfig refuses an unknown engine, an empty key list, a zlib level past 9
-    and a keep-alive timeout that is not positive."""
-    with pytest.raises(ValueError):
+    """EmulatorConfig refuses settings that would hang it or silently mean something else
+    (no merge workers, a negative rate as no limit), naming the setting."""
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
         EmulatorConfig(**kwargs)
 
 
@@ -641,3 +815,20 @@ def test_serve_options_make_the_config() -> None:
     assert config_from_args(parser.parse_args([])).png_level == 1
     with pytest.raises(SystemExit):
         parser.parse_args(["--png-level", "12"])
+
+
+@pytest.mark.parametrize("argv", [["--workers", "0"], ["--rpm", "-5"], ["--rpm", "0"], ["--burst", "0"],
+                                  ["--balance", "-1"], ["--latency", "-1"], ["--slow-seconds", "x"],
+                                  ["--keepalive-timeout", "0"], ["--fail-first", "-2"]])
+def test_serve_refuses_impossible_settings(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve` refuses a setting that would hang the emulator or mean something else,
+    naming the option."""
+    import argparse
+
+    from novita_async.emulator._cli import add_serve_options
+
+    parser = argparse.ArgumentParser()
+    add_serve_options(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert f"argument {argv[0]}:" in capsys.readouterr().err

@@ -45,7 +45,7 @@ async def main():
     emulator = Emulator(EmulatorConfig(**json.loads(sys.argv[1])))
 
     async def started_at(request):
-        return web.json_response(emulator.stats.started_at)
+        return web.json_response(list(emulator.stats.started_at))
 
     emulator.app.router.add_get("/_test/started_at", started_at)
     await emulator.start()

@@ -6,7 +6,7 @@ import itertools
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +209,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, s
     return code, captured.out, captured.err
 
 
-def _per_minute(starts: list[float]) -> float:
+def _per_minute(starts: Iterable[float]) -> float:
     """The pace of request starts, per minute, over the run."""
     ordered = sorted(starts)
     assert len(ordered) >= 4, ordered

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import hashlib
 import hmac
 import io
@@ -13,7 +14,7 @@ import random
 import time
 import warnings
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,13 +27,21 @@ from novita_async._b64 import b64decode_strict, b64encode
 from novita_async._config import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, RESPONSE_IMAGE_TYPES
 from novita_async.emulator._config import EmulatorConfig
 from novita_async.emulator._facemerge import NoFaceFoundError
-from novita_async.emulator._merge import MergeFn, encode_result, select_merge
+from novita_async.emulator._merge import MergeFn, encode_result, select_merge, stored_png
 
 __all__ = ["CONFIG", "STATS", "EmulatorStats", "create_app"]
 
 logger = logging.getLogger("novita_async.emulator")
 
-_ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
+# MPO is a JPEG with more pictures after the first (phone cameras write it);
+# any JPEG decoder reads its first picture, so it is accepted as a JPEG.
+_ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP"})
+# Greyscale images with more than 8 bits per sample (16-bit PNGs); Pillow's
+# convert("RGB") clips these instead of scaling them, so they are scaled first.
+_WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+#: Request start times kept for ``EmulatorStats.started_at`` (a bounded window,
+#: so a million-request soak run does not grow the emulator's memory).
+STARTS_KEPT = 100_000
 
 
 @dataclass
@@ -57,6 +66,9 @@ class EmulatorStats:
         handling_cpu_seconds: CPU seconds of the parse and merge steps.
         connections: TCP connections that carried merge-face requests (a
             client that keeps its connections alive opens few).
+        started_at: ``time.monotonic()`` of the latest requests (at most
+            ``STARTS_KEPT``), for measuring a client's pace.
+        first_request_at: ``time.monotonic()`` of the first request, or None.
     """
 
     requests: int = 0
@@ -69,7 +81,8 @@ class EmulatorStats:
     chunked_requests: int = 0
     missing_content_length: int = 0
     enterprise_requests: int = 0
-    started_at: list[float] = field(default_factory=list)
+    started_at: deque[float] = field(default_factory=lambda: deque(maxlen=STARTS_KEPT))
+    first_request_at: float | None = None
     handled: int = 0
     handling_seconds: float = 0.0
     handling_cpu_seconds: float = 0.0
@@ -102,7 +115,7 @@ class EmulatorStats:
             "handling_cpu_seconds": self.handling_cpu_seconds,
             "connections": self.connections,
             # time.monotonic() of the first request (system-wide on Linux).
-            "first_request_at": self.started_at[0] if self.started_at else None,
+            "first_request_at": self.first_request_at,
         }
 
 
@@ -143,6 +156,18 @@ class _State:
         self.merge, self.engine_name = select_merge(config.engine)
         self.merge_limiter = anyio.CapacityLimiter(config.merge_workers)
         self.successes_total = 0
+        # Merges under way that would spend balance if they succeed: counted
+        # against the balance up front, so concurrent requests cannot overspend it.
+        self.balance_held = 0
+
+    def fault_roll(self, key: str, attempt: int) -> float:
+        """The fault dice for one attempt: with a seed, a function of the seed,
+        the job and the attempt, so concurrent runs repeat whatever the order
+        their requests arrive in."""
+        seed = self.config.faults.seed
+        if seed is None:
+            return self.rng.random()
+        return random.Random(f"{seed}/{key}/{attempt}").random()
 
 
 STATS = web.AppKey("stats", EmulatorStats)
@@ -151,6 +176,7 @@ _STATE = web.AppKey("state", _State)
 
 
 def _error(status: int, reason: str, message: str, **headers: str) -> web.Response:
+    """An answer in the API's error shape."""
     body = {"code": status, "reason": reason, "message": message, "metadata": {}}
     return web.json_response(body, status=status, headers=headers or None)
 
@@ -159,7 +185,9 @@ def _check_key(request: web.Request, keys: tuple[str, ...]) -> web.Response | No
     auth = request.headers.get("Authorization", "")
     if not auth.startswith("Bearer ") or not auth[7:].strip():
         return _error(400, "MISSING_API_KEY", "missing API key in the Authorization header")
-    given = auth[7:].strip().encode()
+    # aiohttp keeps header bytes that are not UTF-8 as surrogates; encode them
+    # back the same way so such a key is simply wrong, not a crash.
+    given = auth[7:].strip().encode("utf-8", "surrogateescape")
     # Compare against every key, in constant time, without stopping early.
     matches = [hmac.compare_digest(given, key.encode()) for key in keys]
     if not any(matches):
@@ -173,6 +201,8 @@ def _parse_body(raw: bytes) -> tuple[bytes, bytes, str, bool] | web.Response:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return _error(400, "INVALID_REQUEST_BODY", "request body is not valid JSON")
+    except RecursionError:
+        return _error(400, "INVALID_REQUEST_BODY", "request body is nested too deeply")
     if not isinstance(body, dict):
         return _error(400, "INVALID_REQUEST_BODY", "request body must be a JSON object")
     decoded: list[bytes] = []
@@ -184,12 +214,16 @@ def _parse_body(raw: bytes) -> tuple[bytes, bytes, str, bool] | web.Response:
             decoded.append(b64decode_strict(value.encode("ascii")))
         except (binascii.Error, ValueError, UnicodeEncodeError):
             return _error(400, "INVALID_REQUEST_BODY", f"{name} is not valid base64")
-    extra = body.get("extra") or {}
-    image_type = extra.get("response_image_type", "png") if isinstance(extra, dict) else None
+    extra = body.get("extra")
+    if extra is None:
+        extra = {}
+    elif not isinstance(extra, dict):
+        return _error(400, "INVALID_REQUEST_BODY", "extra must be a JSON object")
+    image_type = extra.get("response_image_type", "png")
     if image_type not in RESPONSE_IMAGE_TYPES:
         return _error(400, "INVALID_REQUEST_BODY",
                       f"extra.response_image_type must be one of {', '.join(RESPONSE_IMAGE_TYPES)}")
-    plan = extra.get("enterprise_plan") if isinstance(extra, dict) else None
+    plan = extra.get("enterprise_plan")
     enterprise = isinstance(plan, dict) and plan.get("enabled") is True
     return decoded[0], decoded[1], image_type, enterprise
 
@@ -220,6 +254,8 @@ def _open_checked(data: bytes, name: str) -> Image.Image:
         image.load()
     except Exception:
         raise _BadImage("INVALID_IMAGE_FORMAT", f"{name} could not be decoded") from None
+    if image.mode in _WIDE_GREY_MODES:
+        return image.convert("I").point(lambda value: value * (1 / 256), "L")
     return image
 
 
@@ -280,8 +316,8 @@ async def _inject(kind: str, request: web.Request, state: _State) -> web.StreamR
     if kind == "slow":
         await asyncio.sleep(config.slow_seconds)
         return _error(500, "TASK_FAILED", "too slow")
-    body = b'{"image_file":"' + b64encode(b"\x89PNG fake") + b'","image_type":"png"}'
     if kind == "drip":
+        body = _drip_body()
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         response.content_length = len(body)
         await response.prepare(request)
@@ -290,6 +326,20 @@ async def _inject(kind: str, request: web.Request, state: _State) -> web.StreamR
             await asyncio.sleep(config.drip_interval)
         return response
     raise AssertionError(f"fault {kind} is handled by the caller")
+
+
+@functools.cache
+def _drip_body() -> bytes:
+    """A small but real success body (a 1x1 PNG) for the ``drip`` fault."""
+    png = stored_png(Image.new("RGB", (1, 1), (128, 128, 128)))
+    return b'{"image_file":"' + b64encode(png) + b'","image_type":"png"}'
+
+
+async def _discard_body(request: web.Request, limit: int) -> None:
+    """Read the request body without keeping it, up to ``limit`` bytes."""
+    seen = 0
+    while seen <= limit and (piece := await request.content.readany()):
+        seen += len(piece)
 
 
 def _drop(request: web.Request) -> web.StreamResponse:
@@ -312,7 +362,7 @@ def _pick_fault(state: _State, key: str, attempt: int) -> str | None:
     faults = state.config.faults
     if attempt <= faults.fail_first:
         return faults.fail_first_kind
-    roll = state.rng.random()
+    roll = state.fault_roll(key, attempt)
     for kind, rate in faults.rates.items():
         if roll < rate:
             return kind
@@ -325,13 +375,17 @@ async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> 
         stats.chunked_requests += 1
     if request.content_length is None:
         stats.missing_content_length += 1
+    # The key is checked from the headers, as a gateway does, before the body
+    # is held in memory; the body is still read (and dropped) before the
+    # answer, so the client sees the error rather than a reset mid-upload.
+    denied = _check_key(request, state.config.api_keys)
+    if denied is not None:
+        await _discard_body(request, state.config.max_body_bytes)
+        return denied
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return _error(400, "IMAGE_FILE_EXCEEDS_MAX_SIZE", "request body too large: images exceed 30 MB")
-    denied = _check_key(request, state.config.api_keys)
-    if denied is not None:
-        return denied
     if state.bucket is not None:
         key = request.headers["Authorization"][7:].strip()
         wait = state.bucket.take(key, time.monotonic())
@@ -339,7 +393,7 @@ async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> 
             headers = {"Retry-After": str(max(1, int(wait + 0.999)))} if (
                 state.config.rate_limit_retry_after) else {}
             return _error(429, "RATE_LIMIT_EXCEEDED", "images per minute limit exceeded", **headers)
-    if not request.content_type.startswith("application/json"):
+    if request.content_type != "application/json":  # parameters such as charset are fine
         return _error(400, "INVALID_REQUEST_BODY", "Content-Type must be application/json")
     handling_started = time.perf_counter()
     parsed, key, parse_cpu = await anyio.to_thread.run_sync(_timed_parse, raw)
@@ -357,14 +411,16 @@ async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> 
             return await _inject(fault, request, state)
         if fault == "drop":
             return _drop(request)
-    if state.config.balance is not None and state.successes_total >= state.config.balance:
+    balance = state.config.balance
+    if balance is not None and state.successes_total + state.balance_held >= balance:
         return _error(400, "BILLING_BALANCE_NOT_ENOUGH", "balance not enough")
-    delay = state.config.latency + state.rng.random() * state.config.jitter
-    slept = time.perf_counter()
-    if delay > 0:
-        await asyncio.sleep(delay)
-    slept = time.perf_counter() - slept
+    state.balance_held += 1
     try:
+        delay = state.config.latency + state.rng.random() * state.config.jitter
+        slept = time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        slept = time.perf_counter() - slept
         body, merge_cpu = await anyio.to_thread.run_sync(
             _timed_merge_to_body, state.merge, face, image, image_type, state.config.png_level,
             limiter=state.merge_limiter,
@@ -374,6 +430,8 @@ async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> 
     except NoFaceFoundError as exc:
         name = "face_image_file" if exc.which == "face_image" else "image_file"
         return _error(400, "IMAGE_NO_FACE_DETECTED", f"no face detected in {name}")
+    finally:
+        state.balance_held -= 1
     if fault == "truncate":
         return await _truncated(request, body)
     stats.successes[key] += 1
@@ -390,7 +448,10 @@ async def _merge_face(request: web.Request) -> web.StreamResponse:
     state = request.app[_STATE]
     stats.requests += 1
     stats.count_connection(request.transport)
-    stats.started_at.append(time.monotonic())
+    now = time.monotonic()
+    if stats.first_request_at is None:
+        stats.first_request_at = now
+    stats.started_at.append(now)
     stats.in_flight += 1
     stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
     try:
@@ -400,6 +461,19 @@ async def _merge_face(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         stats.in_flight -= 1
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Answer a wrong path or method in the API's JSON error shape, as the API does."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPNotFound:
+        return _error(404, "API_NOT_FOUND", f"no API at {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        return _error(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed here; use POST",
+                      Allow=",".join(sorted(exc.allowed_methods)))
 
 
 async def _stats(request: web.Request) -> web.Response:
@@ -422,7 +496,7 @@ def create_app(config: EmulatorConfig | None = None) -> web.Application:
         >>> web.run_app(app, host="127.0.0.1", port=8080)  # doctest: +SKIP
     """
     config = config or EmulatorConfig()
-    app = web.Application(client_max_size=config.max_body_bytes)
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_json_errors])
     app[CONFIG] = config
     app[STATS] = EmulatorStats()
     app[_STATE] = _State(config)

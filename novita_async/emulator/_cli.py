@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Callable
 
 from novita_async.emulator._config import DEFAULT_API_KEY, FAULT_KINDS, EmulatorConfig, Faults
 from novita_async.emulator._server import Emulator
@@ -25,32 +26,55 @@ def _fault(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: RATE must be a number between 0 and 1") from None
 
 
+def _number(kind: type[float] | type[int], minimum: float, *, above: bool = False,
+            ) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` at least (or above) ``minimum``."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: must be {'above' if above else 'at least'} {minimum}")
+        return value
+    return parse
+
+
+_SECONDS = _number(float, 0)
+_COUNT = _number(int, 0)
+
+
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     """Options of ``serve`` (also used by benchmarks that start the emulator)."""
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8787, help="TCP port; 0 picks a free one (default: 8787)")
     parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                         help=f"a key to accept (repeatable; default: {DEFAULT_API_KEY})")
-    parser.add_argument("--latency", type=float, default=0.0, metavar="S", help="seconds added to each merge")
-    parser.add_argument("--jitter", type=float, default=0.0, metavar="S",
+    parser.add_argument("--latency", type=_SECONDS, default=0.0, metavar="S", help="seconds added to each merge")
+    parser.add_argument("--jitter", type=_SECONDS, default=0.0, metavar="S",
                         help="up to this many seconds more, at random")
     parser.add_argument("--fault", type=_fault, action="append", default=[], metavar="KIND=RATE",
                         help=f"inject a fault on this share of attempts; kinds: {', '.join(FAULT_KINDS)}")
-    parser.add_argument("--fail-first", type=int, default=0, metavar="N", help="fail the first N attempts of each job")
+    parser.add_argument("--fail-first", type=_COUNT, default=0, metavar="N",
+                        help="fail the first N attempts of each job")
     parser.add_argument("--seed", type=int, help="seed for the fault dice")
-    parser.add_argument("--slow-seconds", type=float, default=30.0, metavar="S",
+    parser.add_argument("--slow-seconds", type=_SECONDS, default=30.0, metavar="S",
                         help="how long a 'slow' fault takes (default: 30)")
-    parser.add_argument("--rpm", type=float, metavar="R", help="per-key rate limit in requests per minute")
-    parser.add_argument("--burst", type=int, default=3, metavar="N", help="requests allowed at once under --rpm")
+    parser.add_argument("--rpm", type=_number(float, 0, above=True), metavar="R",
+                        help="per-key rate limit in requests per minute")
+    parser.add_argument("--burst", type=_number(int, 1), default=3, metavar="N",
+                        help="requests allowed at once under --rpm")
     parser.add_argument("--retry-after", action="store_true", help="send Retry-After with rate-limit 429s")
     parser.add_argument("--engine", choices=("auto", "face", "composite"), default="auto",
                         help="merge step: the real face merge ([local] extra) or a simple composite")
-    parser.add_argument("--workers", type=int, default=2, metavar="N", help="merges run at once (default: 2)")
-    parser.add_argument("--balance", type=int, metavar="N",
+    parser.add_argument("--workers", type=_number(int, 1), default=2, metavar="N",
+                        help="merges run at once (default: 2)")
+    parser.add_argument("--balance", type=_COUNT, metavar="N",
                         help="successful merges before BILLING_BALANCE_NOT_ENOUGH")
     parser.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                         help="zlib level of PNG results; 0 stores them uncompressed (default: 1)")
-    parser.add_argument("--keepalive-timeout", type=float, default=75.0, metavar="S",
+    parser.add_argument("--keepalive-timeout", type=_number(float, 0, above=True), default=75.0, metavar="S",
                         help="seconds before an idle keep-alive connection is closed (default: 75)")
 
 

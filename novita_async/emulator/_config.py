@@ -64,6 +64,9 @@ class Faults:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {sorted(FAULT_KINDS)}")
         if any(not 0 <= r <= 1 for r in self.rates.values()) or self.total_rate > 1:
             raise ValueError("fault rates must be in [0, 1] and add up to at most 1")
+        _require(self.fail_first >= 0, "fail_first", self.fail_first, "0 or more attempts")
+        _require(self.slow_seconds >= 0, "slow_seconds", self.slow_seconds, "0 or more seconds")
+        _require(self.drip_interval >= 0, "drip_interval", self.drip_interval, "0 or more seconds")
         object.__setattr__(self, "rates", MappingProxyType(dict(self.rates)))
 
     @property
@@ -78,7 +81,9 @@ class EmulatorConfig:
 
     Args:
         api_keys: Keys it accepts (compared in constant time).
-        latency: Seconds each successful merge takes, on top of the merge itself.
+        latency: Seconds each merge takes on top of the merge itself, once the
+            body is parsed (an image refused while merging, such as one with no
+            face, waits too, as the service finds that while merging).
         jitter: Up to this many seconds more, uniformly at random.
         faults: Failures to inject.
         rate_limit_rpm: Per-key limit in requests per minute (None: unlimited).
@@ -118,6 +123,21 @@ class EmulatorConfig:
         if not 0 <= self.png_level <= 9:
             raise ValueError(f"png_level must be 0-9, not {self.png_level}")
         if self.engine not in ("auto", "face", "composite"):
-            raise ValueError("engine must be 'auto', 'face' or 'composite'")
+            raise ValueError(f"engine must be 'auto', 'face' or 'composite', not {self.engine!r}")
         if not self.api_keys:
-            raise ValueError("the emulator needs at least one API key")
+            raise ValueError("api_keys must hold at least one key the emulator accepts")
+        _require(self.latency >= 0, "latency", self.latency, "0 or more seconds")
+        _require(self.jitter >= 0, "jitter", self.jitter, "0 or more seconds")
+        _require(self.rate_limit_rpm is None or self.rate_limit_rpm > 0, "rate_limit_rpm",
+                 self.rate_limit_rpm, "a positive number of requests per minute, or None for no limit")
+        _require(self.rate_limit_burst >= 1, "rate_limit_burst", self.rate_limit_burst, "1 or more")
+        _require(self.merge_workers >= 1, "merge_workers", self.merge_workers, "1 or more")
+        _require(self.balance is None or self.balance >= 0, "balance", self.balance,
+                 "0 or more merges, or None for no limit")
+        _require(self.max_body_bytes > 0, "max_body_bytes", self.max_body_bytes, "a positive size")
+
+
+def _require(ok: bool, name: str, value: object, what: str) -> None:
+    """Refuse a setting with a message naming it, its value and what it must be."""
+    if not ok:
+        raise ValueError(f"{name} must be {what}, not {value!r}")
