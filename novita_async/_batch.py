@@ -33,7 +33,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from novita_async._client import send_gate
-from novita_async._errors import JobNotAttemptedError, OutputError
+from novita_async._errors import DuplicateJobError, JobNotAttemptedError, OutputError
 from novita_async._gate import SendGate
 from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity, output_extension
 from novita_async._ledger import Ledger
@@ -146,6 +146,11 @@ class _Engine:
         self._group: anyio.abc.TaskGroup | None = None
         self._progress: Progress | None = None
         self.source_error: BaseException | None = None
+        # Every id and output path this run has taken (about 100 bytes each),
+        # so a repeated job is refused instead of done twice or written over
+        # another job's result.
+        self._seen_ids: set[str] = set()
+        self._claimed_outputs: set[str] = set()
 
     def stop(self) -> None:
         if not self._stopping:
@@ -238,10 +243,31 @@ class _Engine:
         job = item.with_id(job_identity(item, index))
         assert job.id is not None
         output = self._output_for(job)
+        duplicate = self._claim(job.id, output)
+        if duplicate is not None:
+            return JobResult(job=job, status=JobStatus.FAILED, error=duplicate)
         ledger = self._ledger
         if ledger is not None and ledger.is_done(job.id) and (output is None or output.exists()):
             return JobResult(job=job, status=JobStatus.SKIPPED, output=output)
         return job, output
+
+    def _claim(self, job_id: str, output: Path | None) -> DuplicateJobError | None:
+        """Take the job's id and output for this run, or say which an earlier job has."""
+        if job_id in self._seen_ids:
+            return DuplicateJobError(
+                f"job {job_id!r} repeats the id of an earlier job in this run, so it was not sent "
+                "(the earlier job's result stands); give each job its own id", job_id=job_id)
+        # One spelling per file: "out/a.png" and "out/./a.png" are the same output.
+        where = os.path.normcase(os.path.abspath(output)) if output is not None else None
+        if where is not None and where in self._claimed_outputs:
+            return DuplicateJobError(
+                f"job {job_id!r} would write {output}, the output of an earlier job in this run, so it "
+                "was not sent; give it its own output (ids that differ only in characters other than "
+                "letters, digits and -_.@+= give the same file name)", job_id=job_id, output=str(output))
+        self._seen_ids.add(job_id)
+        if where is not None:
+            self._claimed_outputs.add(where)
+        return None
 
     def _output_for(self, job: MergeJob) -> Path | None:
         if job.output is not None:
@@ -318,7 +344,9 @@ class _Engine:
 
     def _record(self, result: JobResult) -> None:
         ledger = self._ledger
-        if ledger is not None and result.status != JobStatus.SKIPPED:
+        # A duplicate's line would replace the earlier job's record of the same id.
+        if (ledger is not None and result.status != JobStatus.SKIPPED
+                and not isinstance(result.error, DuplicateJobError)):
             try:
                 ledger.append(result)
             except OSError as exc:

@@ -20,6 +20,7 @@
     ├── InvalidImageError           an input failed a local check; nothing was sent
     │   └── SourceChangedError          an input changed size while it was uploaded
     ├── OutputError                 the result could not be written where asked
+    ├── DuplicateJobError           a batch job repeats an earlier job's id or output
     └── JobNotAttemptedError        a batch stopped before this job ran
 
 Every error the library raises is one of these: aiohttp and tenacity
@@ -41,6 +42,7 @@ __all__ = [
     "BadRequestError",
     "ClientClosedError",
     "ConfigurationError",
+    "DuplicateJobError",
     "InsufficientBalanceError",
     "InvalidImageError",
     "InvalidResponseError",
@@ -234,6 +236,23 @@ class SourceChangedError(InvalidImageError):
 
 class OutputError(NovitaError, OSError):
     """The result could not be written to its destination (permissions, full disk)."""
+
+
+class DuplicateJobError(NovitaError, ValueError):
+    """A batch job has the id or the output path of an earlier job of the same run.
+
+    It is not sent (that would do one job twice, or write two results to one
+    file) and not written to the ledger (the earlier job's record stands).
+
+    Attributes:
+        job_id: The repeated job's id.
+        output: The output path it shares with an earlier job, when that is the clash.
+    """
+
+    def __init__(self, message: str, *, job_id: str, output: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.output = output
 
 
 class JobNotAttemptedError(NovitaError):

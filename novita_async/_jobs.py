@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from dataclasses import dataclass, replace
@@ -142,15 +143,29 @@ class JobResult:
 
 
 def is_fatal(error: BaseException) -> bool:
-    """Errors after which every later job would fail too: stop the batch."""
+    """Errors after which every later job would fail too: stop the batch.
+
+    A wrong key or base URL (404), an empty balance, a closed client, and a
+    results disk that is full or read-only: sending more jobs would only pay
+    for results that cannot be kept, or fail the same way.
+    """
     from novita_async._errors import (
         AuthenticationError,
         ClientClosedError,
         InsufficientBalanceError,
+        NotFoundError,
+        OutputError,
         PermissionDeniedError,
     )
 
-    return isinstance(
-        error, (AuthenticationError, PermissionDeniedError, InsufficientBalanceError, ClientClosedError))
+    if isinstance(error, OutputError):
+        cause = error.__cause__
+        return isinstance(cause, OSError) and cause.errno in _DISK_FULL_OR_READ_ONLY
+    return isinstance(error, (AuthenticationError, PermissionDeniedError, InsufficientBalanceError,
+                              ClientClosedError, NotFoundError))
+
+
+#: errno values of a write that fails for every file on that disk.
+_DISK_FULL_OR_READ_ONLY = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 

@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from novita_async._config import RESPONSE_IMAGE_TYPES
@@ -104,6 +104,12 @@ def _row_to_job(fields: dict[str, Any], row: int, base: Path, where: str) -> Mer
     # The id comes from the row as written: resolving the paths first would
     # make it depend on where the manifest was opened from.
     job_id = values["id"] or hash_id(face, image, values["output"], image_type)
+    output = values["output"]
+    if output is not None and (PurePath(output).is_absolute() or ".." in PurePath(output).parts):
+        # A manifest may come from someone else: it names files inside the
+        # output folder, never elsewhere on the machine.
+        return bad(f"output {output!r} is outside the output folder; give a relative path "
+                   "without '..'", "bad_output")
     if image_type is not None and image_type not in RESPONSE_IMAGE_TYPES:
         return bad(f"response_image_type {image_type!r} is not one of {', '.join(RESPONSE_IMAGE_TYPES)}",
                    "bad_type")
@@ -138,6 +144,12 @@ def _csv_header(path: Path) -> list[str]:
             f"{path}: the header lacks column(s) {', '.join(missing)}; it has "
             f"{', '.join(h for h in header if h) or 'nothing'}. Expected: {_EXPECTED}"
         )
+    unknown = [c for c in header if c and c not in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
+    if unknown:
+        # Extra columns (notes, labels) are allowed, but a misspelt "output"
+        # would silently drop every row's output name: say so once.
+        logger.warning("%s: column(s) %s are not used (known columns: %s)", path, ", ".join(unknown),
+                       ", ".join((*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)))
     return header
 
 
@@ -191,9 +203,11 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[MergeJob | BadRow]:
     """Jobs from a CSV (``.csv``) or JSONL (``.jsonl``/``.json``/``.ndjson``) manifest, lazily.
 
     Columns/keys: ``face_image``, ``image`` (required), ``output``, ``id``,
-    ``response_image_type``. Relative paths resolve against the manifest's
-    folder.  Rows are read as the batch asks for them; a bad row comes out as
-    a :class:`BadRow` (failed, with its row number) and the others go on.
+    ``response_image_type``. Relative image paths resolve against the
+    manifest's folder; ``output`` is a relative path inside the batch's output
+    folder (an absolute one or one with ``..`` makes its row bad).  Rows are
+    read as the batch asks for them; a bad row comes out as a :class:`BadRow`
+    (failed, with its row number) and the others go on.
 
     Raises:
         ManifestError: now, if the file is missing, empty, or its header lacks
@@ -204,6 +218,8 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[MergeJob | BadRow]:
         ...     print(r.job.id, r.status)
     """
     manifest = Path(path)
+    if manifest.is_dir():
+        raise ManifestError(f"{manifest} is a folder: give the manifest's .csv or .jsonl file")
     if not manifest.is_file():
         raise ManifestError(f"{manifest}: no such manifest file")
     if manifest.suffix.lower() in _JSONL_SUFFIXES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import os
@@ -17,7 +18,7 @@ from PIL import Image
 import novita_async as na
 from novita_async._jobs import is_fatal
 from novita_async._pacing import Pacer
-from novita_async.emulator import Emulator, Faults
+from novita_async.emulator import Emulator, Faults, job_key
 
 from .batch_support import (
     PATIENT_RETRY,
@@ -28,6 +29,7 @@ from .batch_support import (
     memory_jobs,
     results_in,
     temp_files,
+    write_inputs,
 )
 from .conftest import FAST_RETRY
 
@@ -212,21 +214,22 @@ def test_stray_429s_among_failures_do_not_spiral_the_pace_down() -> None:
 
 
 @pytest.mark.parametrize(
-    ("balance", "api_key", "error", "reason"),
+    ("balance", "api_key", "path", "error", "reason"),
     [
-        pytest.param(None, "sk_wrong_key", na.AuthenticationError, "INVALID_API_KEY", id="wrong-key"),
-        pytest.param(6, None, na.InsufficientBalanceError, "BILLING_BALANCE_NOT_ENOUGH", id="balance"),
+        pytest.param(None, "sk_wrong_key", "", na.AuthenticationError, "INVALID_API_KEY", id="wrong-key"),
+        pytest.param(6, None, "", na.InsufficientBalanceError, "BILLING_BALANCE_NOT_ENOUGH", id="balance"),
+        pytest.param(None, None, "/wrong", na.NotFoundError, "API_NOT_FOUND", id="wrong-base-url"),
     ],
 )
 async def test_fatal_error_stops_the_batch_early(
     emulator_factory: EmulatorFactory, tmp_path: Path, balance: int | None, api_key: str | None,
-    error: type[na.APIStatusError], reason: str,
+    path: str, error: type[na.APIStatusError], reason: str,
 ) -> None:
     """After a fatal error in-flight jobs finish, the rest are not_attempted, and few requests follow."""
     concurrency, count = 4, 40
     out = tmp_path / "out"
     async with emulator_factory(latency=0.05, balance=balance) as emu:
-        async with na.NovitaClient(api_key=api_key or emu.api_key, base_url=emu.url, retry=FAST_RETRY,
+        async with na.NovitaClient(api_key=api_key or emu.api_key, base_url=emu.url + path, retry=FAST_RETRY,
                                    max_concurrency=concurrency) as client:
             run = client.batch(memory_jobs(count), output_dir=out, ledger=out / "ledger.jsonl", progress=False)
             results = await collect(run)
@@ -409,6 +412,56 @@ async def test_a_job_whose_output_is_a_folder_fails_alone_unsent(
     assert emulator.stats.requests == 2
 
 
+async def test_a_repeated_job_is_refused_not_done_twice(
+    client: na.NovitaClient, emulator: Emulator, tmp_path: Path
+) -> None:
+    """A job repeating an earlier job's id, or its output file, fails with DuplicateJobError
+    unsent, writes no ledger line over the earlier record, and the others go on; a re-run
+    skips what was done and refuses the repeats again."""
+    out = tmp_path / "out"
+    pairs = [job_images(i) for i in range(5)]
+    jobs = [
+        na.MergeJob(*pairs[0], id="x"),
+        na.MergeJob(*pairs[1], id="x"),  # the same id, other images
+        na.MergeJob(*pairs[2], id="a/b"),
+        na.MergeJob(*pairs[3], id="a_b"),  # a different id, but the same file name
+        na.MergeJob(*pairs[4], id="y", output="x.png"),  # an explicit output taken by job "x"
+        na.MergeJob(*pairs[2], id="z"),
+    ]
+    for attempt in ("first run", "re-run"):
+        run = client.batch(jobs, output_dir=out, ledger=out / "ledger.jsonl", progress=False)
+        results = {(r.job.id, r.status): r for r in await collect(run)}
+        done = "ok" if attempt == "first run" else "skipped"
+        assert sorted(results) == sorted([("x", done), ("x", "failed"), ("a/b", done), ("a_b", "failed"),
+                                          ("y", "failed"), ("z", done)]), attempt
+        for key in (("x", "failed"), ("a_b", "failed"), ("y", "failed")):
+            error = results[key].error
+            assert isinstance(error, na.DuplicateJobError), attempt
+            assert error.job_id == key[0]
+        assert "repeats the id" in str(results[("x", "failed")].error)
+        assert results[("a_b", "failed")].error.output == str(out / "a_b.png")  # type: ignore[union-attr]
+        assert "x.png" in str(results[("y", "failed")].error)
+        assert run.summary.failed == {"DuplicateJobError": 3}
+    assert emulator.stats.requests == 3  # x, a/b and z, once each over both runs
+    # The repeats' images never reached the server: x.png is job "x"'s result.
+    assert [job_key(*pairs[i]) in emulator.stats.attempts for i in range(5)] == [True, False, True, False, False]
+    assert_valid_image(out / "x.png")
+    lines = ledger_lines(out / "ledger.jsonl")
+    assert sorted((line["id"], line["status"]) for line in lines) == [("a/b", "ok"), ("x", "ok"), ("z", "ok")]
+
+
+async def test_identical_rows_run_once(client: na.NovitaClient, emulator: Emulator, tmp_path: Path) -> None:
+    """The same pair of files twice (one id from their paths) is merged once."""
+    pairs = write_inputs(tmp_path / "in", 2)
+    jobs = [na.MergeJob(str(f), str(t)) for f, t in (pairs[0], pairs[1], pairs[0])]
+    results = await collect(client.batch(jobs, output_dir=tmp_path / "out", progress=False))
+    assert [r.status for r in results].count("ok") == 2
+    (repeat,) = [r for r in results if r.status == "failed"]
+    assert isinstance(repeat.error, na.DuplicateJobError)
+    assert [r.job.id for r in results].count(repeat.job.id) == 2
+    assert emulator.stats.requests == 2
+
+
 async def test_results_in_memory_without_an_output_dir(client: na.NovitaClient) -> None:
     """With no output_dir each result carries the image bytes."""
     results = await collect(client.batch(memory_jobs(3), response_image_type="webp", progress=False))
@@ -453,6 +506,17 @@ async def test_a_job_source_that_fails_raises_after_in_flight_jobs(client: na.No
     assert [r.status for r in results] == ["ok"] * 3
 
 
+def _output_error(code: int) -> na.OutputError:
+    """An OutputError caused by an OSError with errno ``code``, as a result write raises it."""
+    try:
+        try:
+            raise OSError(code, os.strerror(code))
+        except OSError as exc:
+            raise na.OutputError(f"cannot write out/a.png: {exc.strerror}") from exc
+    except na.OutputError as error:
+        return error
+
+
 @pytest.mark.parametrize(
     ("error", "fatal"),
     [
@@ -462,6 +526,11 @@ async def test_a_job_source_that_fails_raises_after_in_flight_jobs(client: na.No
         pytest.param(na.InsufficientBalanceError(status=400, reason="BILLING_BALANCE_NOT_ENOUGH", message="x"),
                      True, id="balance"),
         pytest.param(na.ClientClosedError("closed"), True, id="client-closed"),
+        pytest.param(na.NotFoundError(status=404, reason="API_NOT_FOUND", message="x"), True, id="not-found"),
+        pytest.param(_output_error(errno.ENOSPC), True, id="disk-full"),
+        pytest.param(_output_error(errno.EROFS), True, id="read-only-disk"),
+        pytest.param(_output_error(errno.EACCES), False, id="one-folder-not-writable"),
+        pytest.param(na.OutputError("the output out is an existing folder"), False, id="output-a-folder"),
         pytest.param(na.NoFaceDetectedError(status=400, reason="IMAGE_NO_FACE_DETECTED", message="x"), False,
                      id="no-face"),
         pytest.param(na.ServerError(status=503, reason=None, message="x"), False, id="server"),

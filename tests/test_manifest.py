@@ -92,6 +92,11 @@ def test_csv_quirks_are_read(tmp_path: Path) -> None:
                      id="jsonl-bad-value"),
         pytest.param(".jsonl", '{"image": "in/photo000.png"}\n', 1, "missing_value", "face_image is empty",
                      id="jsonl-missing-key"),
+        pytest.param(".csv", "face_image,image,output\nin/face000.png,in/photo000.png,../escape.png\n", 2,
+                     "bad_output", "outside the output folder", id="csv-output-climbs-out"),
+        pytest.param(".jsonl", '{"face_image": "in/face000.png", "image": "in/photo000.png", '
+                     '"output": "/tmp/elsewhere.png"}\n', 1, "bad_output", "'/tmp/elsewhere.png'",
+                     id="jsonl-output-absolute"),
     ],
 )
 def test_a_bad_row_becomes_a_bad_row_naming_its_number(
@@ -102,7 +107,9 @@ def test_a_bad_row_becomes_a_bad_row_naming_its_number(
     if suffix == ".jsonl":
         good = '{"face_image": "in/face001.png", "image": "in/photo001.png"}\n'
     else:
-        good = "in/face001.png,in/photo001.png" + ",png" * ("response_image_type" in text) + "\n"
+        header = text.partition("\n")[0]
+        good = ("in/face001.png,in/photo001.png" + ",png" * ("response_image_type" in header)
+                + ",r.png" * ("output" in header) + "\n")
     manifest = tmp_path / f"m{suffix}"
     manifest.write_text(text + good)
     bad, after = jobs_of(manifest)
@@ -128,9 +135,24 @@ def test_a_manifest_without_its_columns_is_refused_at_once(tmp_path: Path, text:
 
 
 def test_a_missing_manifest_is_refused(tmp_path: Path) -> None:
-    """No such file: ManifestError naming it."""
+    """No such file: ManifestError naming it; a folder is named as one."""
     with pytest.raises(ManifestError, match="no such manifest"):
         na.read_manifest(tmp_path / "nope.csv")
+    with pytest.raises(ManifestError, match=r"is a folder: give the manifest's \.csv or \.jsonl file"):
+        na.read_manifest(tmp_path)
+
+
+def test_an_unused_column_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A column the manifest does not use (a misspelt "output") is named once in a warning."""
+    write_inputs(tmp_path / "in", 1)
+    manifest = write_csv(tmp_path / "m.csv", ("face_image", "image", "ouput"),
+                         [("in/face000.png", "in/photo000.png", "r.png")])
+    with caplog.at_level(logging.WARNING, logger="novita_async"):
+        [job] = jobs_of(manifest)
+    assert isinstance(job, na.MergeJob) and job.output is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{manifest}: column(s) ouput are not used (known columns: face_image, image, output, id, "
+        "response_image_type)"]
 
 
 async def test_bad_rows_fail_alone_in_a_batch(emulator: Emulator, tmp_path: Path) -> None:
