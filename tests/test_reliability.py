@@ -458,25 +458,34 @@ async def test_unwritable_output_folder_fails_each_job_clearly(tmp_path: Path, h
 
 @pytest.mark.parametrize("file_io", [pytest.param("auto", id="inline"), pytest.param("threads", id="threads")])
 async def test_disk_fills_up(tmp_path: Path, file_io: str) -> None:
-    """A 1 MB disk: the results that fit are ok, the rest fail with a clear OutputError, none half-written.
+    """A 1 MB disk: the results that fit are ok, those being written when it filled fail with a
+    clear OutputError, none half-written, and the batch stops: the rest are not_attempted,
+    never sent (their results would have nowhere to go).
 
     Both ways of writing: on the event loop (a tmpfs is local and fast) and in worker threads.
     """
-    jobs = 10
+    jobs, concurrency = 10, 2
     pairs = write_pairs(tmp_path / "in", jobs, size=256)  # results of about 200 KB each
     ledger = tmp_path / "ledger.jsonl"
     with tmpfs(tmp_path / "disk", "size=1m") as disk:
         out = disk / "out"
         async with Emulator(EmulatorConfig(engine="composite")) as emulator, na.NovitaClient(
-            api_key=emulator.api_key, base_url=emulator.url, retry=CHAOS_RETRY, max_concurrency=2,
+            api_key=emulator.api_key, base_url=emulator.url, retry=CHAOS_RETRY, max_concurrency=concurrency,
             file_io=file_io,  # type: ignore[arg-type]
         ) as client:
-            results = [r async for r in client.batch(_jobs(pairs), output_dir=out, ledger=ledger, progress=False)]
+            run = client.batch(_jobs(pairs), output_dir=out, ledger=ledger, progress=False)
+            results = [r async for r in run]
             assert client._files.runs_inline((str(out),)) is (file_io == "auto")
+            requests = emulator.stats.requests
         assert len(results) == jobs
-        ok = [r for r in results if r.status == na.JobStatus.OK]
-        failed = [r for r in results if r.status == na.JobStatus.FAILED]
-        assert len(ok) >= 2 and len(ok) + len(failed) == jobs and failed, [r.status for r in results]
+        ok, failed, not_attempted = ([r for r in results if r.status == status]
+                                     for status in ("ok", "failed", "not_attempted"))
+        # Failed: the jobs alive when the disk filled (in flight, or prepared and
+        # checked ahead: the batch's prefetch of 2 at this concurrency).
+        assert len(ok) >= 2 and 1 <= len(failed) <= concurrency + 2, [r.status for r in results]
+        assert len(ok) + len(failed) + len(not_attempted) == jobs and not_attempted
+        assert len(ok) <= requests <= len(ok) + len(failed)  # nothing sent after the disk was found full
+        assert run.summary.stop_reason is not None and "No space left on device" in run.summary.stop_reason
         for result in ok:
             assert result.output is not None
             assert_valid_image(result.output)
@@ -484,12 +493,17 @@ async def test_disk_fills_up(tmp_path: Path, file_io: str) -> None:
             assert isinstance(result.error, na.OutputError)
             assert "No space left on device" in str(result.error)
             assert result.output is not None and not result.output.exists()
+        for result in not_attempted:
+            assert isinstance(result.error, na.JobNotAttemptedError)
+            assert isinstance(result.error.cause, na.OutputError)
         assert part_files(disk) == []
         assert {p for p in out.iterdir() if not p.name.startswith(".")} == {r.output for r in ok}
     lines = {line["id"]: line for line in read_ledger_lines(ledger)}
     assert len(lines) == jobs
     assert {i for i, line in lines.items() if line["status"] == "ok"} == {r.job.id for r in ok}
     assert all("No space left on device" in lines[r.job.id]["error_message"] for r in failed)
+    assert {i for i, line in lines.items() if line["status"] == "not_attempted"} == {
+        r.job.id for r in not_attempted}
 
 
 async def test_ledger_on_a_full_disk_stops_the_batch_honestly(tmp_path: Path) -> None:
