@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -21,13 +23,14 @@ import anyio.to_thread
 
 from novita_async._client import NovitaClient
 from novita_async._config import API_KEY_ENV, BASE_URL_ENV, RESPONSE_IMAGE_TYPES, RetryPolicy, Timeout
-from novita_async._errors import ConfigurationError, InvalidImageError, NovitaError
+from novita_async._errors import ConfigurationError, InvalidImageError, NovitaError, OutputError
 from novita_async._fileio import FILE_IO_MODES
 from novita_async._jobs import JobResult, JobStatus, MergeJob
 from novita_async._manifest import BadRow, ManifestError, check_manifest, jobs_from_folders
 from novita_async._shard import default_ledger, parse_shard, shard_jobs, shard_rpm
 from novita_async._summary import BatchSummary
 from novita_async._version import __version__
+from novita_async.emulator._cli import number_arg
 
 __all__ = ["main"]
 
@@ -36,12 +39,30 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 logger = logging.getLogger("novita_async")
 
 
+#: argparse types for the numeric options: a bad value is refused naming the option,
+#: before anything runs (the library's own check would name its Python parameter).
+_AT_LEAST_ONE = number_arg(int, 1)
+_POSITIVE = number_arg(float, 0, above=True)
+_SECONDS = number_arg(float, 0)
+
+#: The library's hints name Python parameters; on the command line they are flags.
+_CLI_TERMS = {"pass api_key=...": "pass --api-key KEY", "pass auto_resize=True": "pass --auto-resize"}
+
+
 class UsageError(Exception):
     """A problem with the command line or its inputs: exit 2 with this message."""
 
 
+def _in_cli_terms(message: str) -> str:
+    """``message`` with the library's Python hints (``pass auto_resize=True``) as CLI flags."""
+    for python, flag in _CLI_TERMS.items():
+        message = message.replace(python, flag)
+    return message
+
+
 def _say(message: str) -> None:
     """Write a line for the user on stderr, without breaking a progress bar."""
+    message = _in_cli_terms(message)
     try:
         from tqdm import tqdm
 
@@ -54,14 +75,15 @@ def _add_client_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection")
     group.add_argument("--base-url", help=f"API base URL (default: ${BASE_URL_ENV} or https://api.novita.ai)")
     group.add_argument("--api-key", help=f"API key (default: ${API_KEY_ENV}); keys start with sk_")
-    group.add_argument("--concurrency", type=int, default=8, metavar="N",
+    group.add_argument("--concurrency", type=_AT_LEAST_ONE, default=8, metavar="N",
                        help="requests in flight at most (default: 8)")
-    group.add_argument("--rpm", type=float, metavar="R",
+    group.add_argument("--rpm", type=_POSITIVE, metavar="R",
                        help="requests per minute to pace at (default: adapt to the server's 429s)")
-    group.add_argument("--timeout", type=float, default=180.0, metavar="S",
+    group.add_argument("--timeout", type=_POSITIVE, default=180.0, metavar="S",
                        help="seconds allowed for one attempt (default: 180)")
-    group.add_argument("--max-attempts", type=int, default=5, metavar="N",
-                       help="attempts per job, retries of transient errors included (default: 5)")
+    group.add_argument("--max-attempts", type=_AT_LEAST_ONE, metavar="N",
+                       help="attempts per job, retries of transient errors included (default: 5 with "
+                            "--rpm, 10 without: the adaptive pace finds the limit through 429s)")
     group.add_argument("--auto-resize", action="store_true",
                        help="downsize inputs over 2048x2048 (and convert CMYK/16-bit) instead of refusing them")
     group.add_argument("--file-io", choices=FILE_IO_MODES, default="auto",
@@ -103,13 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--ledger", metavar="FILE", help="ledger file (default: OUT_DIR/ledger.jsonl)")
     batch.add_argument("--ordered", action="store_true", help="report results in input order")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
-    batch.add_argument("--grace", type=float, default=60.0, metavar="S",
+    batch.add_argument("--grace", type=_SECONDS, default=60.0, metavar="S",
                        help="after Ctrl-C, seconds to let in-flight jobs finish (default: 60)")
     batch.add_argument("--shard", type=_shard_arg, metavar="K/N",
                        help="do only shard K (0..N-1) of N: N workers given the same jobs and "
                             "K=0..N-1 do every job once; --rpm is then the account's total, each "
                             "worker pacing at rpm/N; ledger default OUT_DIR/ledger.shard-K-of-N.jsonl")
-    batch.add_argument("--rpm-per-worker", type=float, metavar="R",
+    batch.add_argument("--rpm-per-worker", type=_POSITIVE, metavar="R",
                        help="with --shard: pace this worker at R per minute instead of rpm/N")
     _add_client_options(batch)
 
@@ -135,12 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run a batch against a local emulator, offline",
                           description="Start the emulator, make sample inputs, run a batch, write a contact sheet.")
-    demo.add_argument("--jobs", type=int, default=24, metavar="N", help="jobs to run (default: 24)")
+    demo.add_argument("--jobs", type=_AT_LEAST_ONE, default=24, metavar="N", help="jobs to run (default: 24)")
     demo.add_argument("-o", "--output-dir", default="novita-demo", metavar="DIR",
                       help="where inputs, results, ledger and contact sheet go (default: ./novita-demo)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight (default: 4)")
-    demo.add_argument("--latency", type=float, default=0.3, metavar="S",
+    demo.add_argument("--concurrency", type=_AT_LEAST_ONE, default=4, metavar="N",
+                      help="requests in flight (default: 4)")
+    demo.add_argument("--latency", type=_SECONDS, default=0.3, metavar="S",
                       help="emulated server latency per merge (default: 0.3)")
     return parser
 
@@ -150,7 +173,7 @@ def _client_from_args(args: argparse.Namespace) -> NovitaClient:
         return NovitaClient(
             api_key=args.api_key, base_url=args.base_url,
             timeout=Timeout.of(args.timeout),
-            retry=RetryPolicy(max_attempts=args.max_attempts),
+            retry=RetryPolicy(max_attempts=args.max_attempts) if args.max_attempts else None,
             max_concurrency=args.concurrency,
             requests_per_minute=args.rpm,
             auto_resize=args.auto_resize,
@@ -166,7 +189,8 @@ async def _merge_command(args: argparse.Namespace) -> int:
         try:
             result = await client.merge_face(args.face, args.image, response_image_type=args.type,
                                              output=args.output)
-        except InvalidImageError as exc:
+        except (InvalidImageError, OutputError) as exc:
+            # The inputs or -o (a folder, an unwritable place) are at fault: an input error.
             raise UsageError(str(exc)) from None
         except NovitaError as exc:
             _say(f"error: {type(exc).__name__}: {exc}")
@@ -257,9 +281,52 @@ async def run_batch_command(
     return (EXIT_FAILED if summary.failed_total or summary.not_attempted else EXIT_OK), summary
 
 
+def check_output_folder(folder: Path) -> None:
+    """Raise :class:`UsageError` unless ``folder`` is a folder or can be made one."""
+    try:
+        blocker = _file_in_the_way(folder)
+    except OSError as exc:  # a name too long, no permission to look
+        raise UsageError(f"output folder {folder} cannot be used: {exc.strerror or exc}") from None
+    if blocker == folder:
+        raise UsageError(f"output folder {folder} is a file: give a folder (it is created if missing)")
+    if blocker is not None:
+        raise UsageError(f"output folder {folder} cannot be made: {blocker} is a file, not a folder")
+
+
+def _check_ledger(ledger: Path) -> None:
+    """Raise :class:`UsageError` unless ``ledger`` is a file or can be made one."""
+    try:
+        is_folder = ledger.is_dir()
+        blocker = _file_in_the_way(ledger.parent)
+    except OSError as exc:
+        raise UsageError(f"ledger {ledger} cannot be used: {exc.strerror or exc}") from None
+    if is_folder:
+        raise UsageError(f"ledger {ledger} is a folder: give a file path such as {ledger / 'ledger.jsonl'}")
+    if blocker is not None:
+        raise UsageError(f"ledger {ledger} cannot be made: {blocker} is a file, not a folder")
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest of ``folder`` and its parents that exists, if it is a file rather than a folder."""
+    for path in (folder, *folder.parents):
+        try:
+            mode = path.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there yet (it is made), or under the file in the way
+        return None if stat.S_ISDIR(mode) else path
+    return None
+
+
 async def _batch_command(args: argparse.Namespace) -> int:
     jobs = _jobs_from_args(args)
     output_dir = Path(args.output_dir)
+    if args.shard is None and args.rpm_per_worker is not None:
+        raise UsageError("--rpm-per-worker goes with --shard K/N; without it, use --rpm")
+    ledger = Path(args.ledger) if args.ledger else default_ledger(output_dir, args.shard)
+    # Found now, not after a run that could not start (and a summary of nothing).
+    check_output_folder(output_dir)
+    _check_ledger(ledger)
+    pacing = None
     if args.shard is not None:
         index, count = args.shard
         # Partition after ids are fixed (inside shard_jobs), so every worker agrees.
@@ -267,12 +334,11 @@ async def _batch_command(args: argparse.Namespace) -> int:
         total_rpm = args.rpm
         args.rpm = args.rpm_per_worker if args.rpm_per_worker is not None else shard_rpm(args.rpm, count)
         if args.rpm is not None:
-            _say(f"shard {index}/{count}: pacing at {args.rpm:g}/min"
-                 + (f" (account total {total_rpm:g}/min)" if args.rpm_per_worker is None else ""))
-    elif args.rpm_per_worker is not None:
-        raise UsageError("--rpm-per-worker goes with --shard K/N; without it, use --rpm")
-    ledger = Path(args.ledger) if args.ledger else default_ledger(output_dir, args.shard)
+            pacing = (f"shard {index}/{count}: pacing at {args.rpm:g}/min"
+                      + (f" (account total {total_rpm:g}/min)" if args.rpm_per_worker is None else ""))
     client = _client_from_args(args)
+    if pacing is not None:  # said once the client took the settings
+        _say(pacing)
     async with client:
         code, _ = await run_batch_command(
             client, jobs, output_dir=output_dir, ledger=ledger, response_image_type=args.type,
@@ -324,8 +390,14 @@ def _status_command(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.json:
         sys.stdout.write(json.dumps(status.as_dict(), indent=2) + "\n")
-    else:
-        sys.stdout.write(status.table() + "\n")
+        return EXIT_OK
+    table = status.table()
+    if args.faces:
+        # The table speaks of a manifest; this run's jobs came from two folders.
+        # (Better done by the table itself: RunStatus knows no job source yet.)
+        table = re.sub(r"^manifest: ", "folders: ", table, flags=re.MULTILINE)
+        table = table.replace("not in this manifest", "not in these folders")
+    sys.stdout.write(table + "\n")
     return EXIT_OK
 
 
@@ -334,10 +406,25 @@ def _configure_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _glue_negative_shard(argv: Sequence[str]) -> list[str]:
+    """``--shard -1/3`` as ``--shard=-1/3``.
+
+    argparse takes ``-1/3`` for an option and says only "expected one argument";
+    glued, the value reaches ``--shard``'s own check, which says what is wrong.
+    """
+    glued = list(argv)
+    index = 0
+    while index < len(glued) - 1 and glued[index] != "--":
+        if glued[index] == "--shard" and re.fullmatch(r"-\d+/.*", glued[index + 1]):
+            glued[index : index + 2] = [f"--shard={glued[index + 1]}"]
+        index += 1
+    return glued
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``novita-async``; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_negative_shard(sys.argv[1:] if argv is None else argv))
     _configure_logging(args.verbose)
     try:
         if args.command == "merge":
@@ -355,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return asyncio.run(demo_command(args))
     except UsageError as exc:
-        sys.stderr.write(f"novita-async: error: {exc}\n")
+        sys.stderr.write(f"novita-async: error: {_in_cli_terms(str(exc))}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("novita-async: interrupted\n")

@@ -23,6 +23,7 @@ from novita_async._config import (
     RESPONSE_IMAGE_TYPES,
     RetryPolicy,
     Timeout,
+    check_number,
     env_api_key,
     env_base_url,
 )
@@ -32,6 +33,7 @@ from novita_async._errors import (
     ClientClosedError,
     ConfigurationError,
     InvalidImageError,
+    NovitaError,
     OutputError,
     RateLimitError,
 )
@@ -125,6 +127,47 @@ def _path_folders(inputs: tuple[tuple[object, str], ...], output: Path | None) -
     return tuple(dict.fromkeys(folders))
 
 
+def _check_types(**arguments: object) -> None:
+    """Refuse a constructor argument of the wrong type now, naming it, not at first use."""
+    expected: dict[str, tuple[type, ...]] = {
+        "api_key": (str,), "base_url": (str,), "retry": (RetryPolicy,),
+        "session": (aiohttp.ClientSession,), "pacer": (PacerProtocol,),
+        "auto_resize": (bool,), "validate": (bool,),
+    }
+    hints = {
+        "api_key": "pass the key as a str ('sk_...')",
+        "retry": "pass na.RetryPolicy(max_attempts=...)",
+        "session": "pass an aiohttp.ClientSession, or None for the client's own",
+        "pacer": "pass a na.Pacer (or any na.PacerProtocol), or requests_per_minute=... instead",
+    }
+    for name, value in arguments.items():
+        if value is None and name not in ("auto_resize", "validate"):
+            continue
+        if not isinstance(value, expected[name]):
+            wanted = " or ".join(kind.__name__ for kind in expected[name])
+            hint = hints.get(name, f"pass a {wanted}")
+            # Never the value of a key, even a malformed one.
+            shown = type(value).__name__ if name == "api_key" else f"{type(value).__name__} {value!r:.40}"
+            raise ConfigurationError(f"{name} must be a {wanted}, got {shown}: {hint}")
+    if isinstance(arguments["session"], aiohttp.ClientSession) and arguments["session"].closed:
+        raise ConfigurationError("session is already closed: pass an open aiohttp.ClientSession, "
+                                 "or None for the client's own")
+
+
+def _check_output(output: object) -> Path | None:
+    """``merge_face``'s ``output`` as a Path; a ConfigurationError for anything but a file path."""
+    if output is None:
+        return None
+    path = os.fspath(output) if isinstance(output, (str, os.PathLike)) else None
+    if not isinstance(path, str) or not path:
+        shown = f"{type(output).__name__} {output!r:.40}"
+        raise ConfigurationError(
+            f"output must be the path of the result file (a non-empty str or os.PathLike), "
+            f"got {shown}; pass output=None to keep the result in memory"
+        )
+    return Path(path)
+
+
 class NovitaClient:
     """Async client for Novita's Merge Face API, built for many calls at once.
 
@@ -135,7 +178,8 @@ class NovitaClient:
         api_key: The API key (``sk_...``); defaults to ``$NOVITA_API_KEY``.
         base_url: Defaults to ``$NOVITA_BASE_URL``, else ``https://api.novita.ai``.
         timeout: Per-attempt limits: a :class:`Timeout`, or seconds for the total.
-        retry: When to retry transient failures (:class:`RetryPolicy`).
+        retry: When to retry transient failures (:class:`RetryPolicy`); by
+            default 5 attempts under a fixed pace, 10 under the adaptive one.
         max_concurrency: Requests in flight at most, across everything the
             client does.
         requests_per_minute: A fixed pace for request starts; None adapts to
@@ -156,7 +200,8 @@ class NovitaClient:
             once a folder is slow); ``"threads"`` always in worker threads.
 
     Raises:
-        ConfigurationError: no API key, or a malformed base URL.
+        ConfigurationError: no API key, a malformed base URL, or an argument of
+            the wrong type or out of range (named in the message).
 
     Example:
         >>> async with NovitaClient() as client:  # doctest: +SKIP
@@ -178,6 +223,8 @@ class NovitaClient:
         pacer: PacerProtocol | None = None,
         file_io: FileIO = "auto",
     ) -> None:
+        _check_types(api_key=api_key, base_url=base_url, retry=retry, session=session, pacer=pacer,
+                     auto_resize=auto_resize, validate=validate)
         key = api_key if api_key is not None else env_api_key()
         if not key or not key.strip():
             raise ConfigurationError(
@@ -185,12 +232,13 @@ class NovitaClient:
                 "(keys start with 'sk_')"
             )
         concurrency: object = max_concurrency  # checked at run time, whatever the annotation says
-        if not isinstance(concurrency, int) or concurrency < 1:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be an int >= 1, got {concurrency!r}")
+        if requests_per_minute is not None:
+            check_number("requests_per_minute", requests_per_minute, above=True)
         self._api_key = key.strip()
         self.base_url = _check_base_url(base_url or env_base_url())
         self.timeout = Timeout.of(timeout)
-        self.retry = retry or RetryPolicy()
         self.max_concurrency = max_concurrency
         self.auto_resize = auto_resize
         self.validate = validate
@@ -199,6 +247,7 @@ class NovitaClient:
                 "give requests_per_minute or pacer, not both: a shared pacer sets its own pace"
             )
         self.pacer: PacerProtocol = pacer if pacer is not None else Pacer(requests_per_minute)
+        self.retry = retry if retry is not None else RetryPolicy.default_for(fixed_pace=self.pacer.fixed)
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self._files = FileCalls(file_io)
         self._writable_folders: set[Path] = set()  # output folders already probed
@@ -243,11 +292,24 @@ class NovitaClient:
         if self._session is not None and self._owns_session:
             await self._session.close()
 
-    def _ensure_session(self) -> aiohttp.ClientSession:
+    def _closed_error(self) -> ClientClosedError:
         if self._state is _State.CLOSED:
-            raise ClientClosedError(
+            return ClientClosedError(
                 "this NovitaClient is closed; create a new one (or use it inside 'async with')"
             )
+        return ClientClosedError(
+            "the aiohttp session given to this NovitaClient was closed; keep it open while "
+            "the client is in use"
+        )
+
+    def _check_open(self, session: aiohttp.ClientSession) -> None:
+        """Raise ClientClosedError if the client, or the session it uses, is closed."""
+        if self._state is _State.CLOSED or session.closed:
+            raise self._closed_error()
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._state is _State.CLOSED:
+            raise self._closed_error()
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.max_concurrency, enable_cleanup_closed=True)
             self._session = aiohttp.ClientSession(
@@ -352,7 +414,11 @@ class NovitaClient:
 
         Args:
             face_image: The face to put in: a path (a ``str`` is always a path),
-                bytes, a binary file object or a ``PIL.Image.Image``.
+                bytes, a binary file object or a ``PIL.Image.Image``.  A file
+                object is read from its current position to its end (again by
+                each retry) and its position is left where it was; a seekable
+                one may be shared by concurrent calls, a stream that cannot
+                seek is read once.
             image: The picture that receives the face (same kinds).
             response_image_type: ``"png"``, ``"webp"`` or ``"jpeg"``.
             enterprise_plan: Use Novita's dedicated enterprise endpoints.
@@ -364,6 +430,8 @@ class NovitaClient:
             The merged image with the attempts and seconds it took.
 
         Raises:
+            ConfigurationError: an argument of the wrong type or value (nothing was sent).
+            ClientClosedError: the client was closed before or during the call.
             InvalidImageError: an input failed a local check (nothing was sent).
             APIStatusError: the API refused the request (subclass per status).
             APIConnectionError: no answer after the retry budget.
@@ -381,12 +449,17 @@ class NovitaClient:
                 f"response_image_type {response_image_type!r} is not one of "
                 f"{', '.join(RESPONSE_IMAGE_TYPES)}"
             )
+        extra = build_extra(response_image_type, enterprise_plan)
+        if auto_resize is not None and not isinstance(auto_resize, bool):
+            raise ConfigurationError(
+                f"auto_resize must be True, False or None (the client's), got {auto_resize!r}"
+            )
         started = time.monotonic()
         resize = self.auto_resize if auto_resize is None else auto_resize
-        out_path = Path(os.fspath(output)) if output is not None else None
+        out_path = _check_output(output)
         face, target = await self._prepare(((face_image, "face_image"), (image, "image")), resize, out_path)
         try:
-            body = RequestBody(face, target, build_extra(response_image_type, enterprise_plan))
+            body = RequestBody(face, target, extra)
             if out_path is not None and out_path.parent not in self._writable_folders:
                 # Before anything is sent: a result with nowhere to go is a paid request lost.
                 # Once per folder: probing creates and deletes a file, which per job
@@ -398,10 +471,17 @@ class NovitaClient:
                 self._writable_folders.add(out_path.parent)
 
             async def attempt(number: int) -> tuple[str, Sink]:
+                self._check_open(session)  # a retry after aclose() must not reach aiohttp
                 sink: Sink = FileSink(out_path, self._files) if out_path is not None else MemorySink()
                 try:
                     image_type = await self._attempt(session, body, sink, response_image_type, gate)
                     await sink.commit()
+                except NovitaError as exc:
+                    await sink.discard()
+                    if exc.retryable and (self.closed or session.closed):
+                        # Closing the session cut this attempt off: no retry can succeed.
+                        raise self._closed_error() from exc
+                    raise
                 except BaseException:
                     await sink.discard()
                     raise
@@ -441,6 +521,9 @@ class NovitaClient:
                 await self.pacer.wait_turn()
             else:
                 await gate.admit(self.pacer.wait_turn)
+            # The waits above may have outlasted the client: nothing awaits
+            # between this check and aiohttp's own.
+            self._check_open(session)
             try:
                 image_type = await send_merge_request(
                     session, f"{self.base_url}{MERGE_FACE_PATH}", self._api_key, body, sink,

@@ -47,15 +47,9 @@ def make_demo_inputs(folder: Path, jobs: int) -> tuple[Path, str]:
     inputs = folder / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     try:
-        pairs = sample_pairs(jobs)
-        first = next(pairs)
+        # sample_pairs raises for missing packages at once, not at the first pair.
+        all_pairs = sample_pairs(jobs)
         source = "public-domain portraits (NASA, US Navy) with flips, crops, scales and colour shifts"
-
-        def chain() -> Iterator[tuple[str, Image.Image, str, Image.Image]]:
-            yield first
-            yield from pairs
-
-        all_pairs = chain()
     except (RuntimeError, ImportError):
         all_pairs = _drawn_pairs(jobs)
         source = "drawn faces (install the [local] extra for real portraits)"
@@ -96,11 +90,15 @@ def write_contact_sheet(folder: Path, manifest: Path, results: Path, rows: int =
 
 async def demo_command(args: argparse.Namespace) -> int:
     """Run the demo; returns the CLI exit code."""
-    from novita_async._cli import _say, run_batch_command
+    from novita_async._cli import UsageError, _say, check_output_folder, run_batch_command
 
     folder = Path(args.output_dir)
+    check_output_folder(folder)
     _say(f"making {args.jobs} sample jobs in {folder / 'inputs'} ...")
-    manifest, source = await anyio.to_thread.run_sync(make_demo_inputs, folder, args.jobs)
+    try:
+        manifest, source = await anyio.to_thread.run_sync(make_demo_inputs, folder, args.jobs)
+    except OSError as exc:  # a read-only or full disk, no permission
+        raise UsageError(f"cannot write the demo's inputs in {folder}: {exc.strerror or exc}") from None
     async with Emulator(EmulatorConfig(latency=args.latency)) as emulator:
         _say(f"emulator on {emulator.url} (merge engine: {emulator.engine}); inputs: {source}")
         async with NovitaClient(api_key=emulator.api_key, base_url=emulator.url,

@@ -16,7 +16,7 @@ from typing import Any
 
 from novita_async._b64 import b64encode
 from novita_async._config import READ_CHUNK
-from novita_async._errors import InvalidImageError, NovitaError
+from novita_async._errors import ConfigurationError, InvalidImageError, NovitaError
 from novita_async._sources import ImageSource
 
 __all__ = ["RequestBody", "b64_length", "body_parts", "build_extra", "coalesce"]
@@ -32,7 +32,16 @@ def build_extra(response_image_type: str, enterprise_plan: bool) -> dict[str, An
 
     The output type is always sent: the official SDK silently defaulted to
     jpeg, so saying what we want leaves no doubt on either side.
+
+    Raises:
+        ConfigurationError: ``enterprise_plan`` is not a bool (a truthy
+            ``"no"`` must not buy the enterprise plan).
     """
+    if not isinstance(enterprise_plan, bool):
+        raise ConfigurationError(
+            f"enterprise_plan must be True or False, got {type(enterprise_plan).__name__} "
+            f"{enterprise_plan!r:.40}"
+        )
     extra: dict[str, Any] = {"response_image_type": response_image_type}
     if enterprise_plan:
         extra["enterprise_plan"] = {"enabled": True}

@@ -23,6 +23,7 @@ __all__ = [
 HEAD_BYTES = 32  # enough for every header field read below (WebP needs 30)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = bytes.fromhex("0000000049454e44ae426082")  # length 0, "IEND", its CRC
+_PNG_MAX_CHUNKS = 100_000  # real files have a few dozen to a few thousand
 _JPEG_EOI = b"\xff\xd9"
 _JPEG_PADDING = b"\x00 \t\r\n"  # some writers pad the end of a JPEG with these
 _JPEG_TAIL_BYTES = 64 * 1024  # how much of a JPEG's end is searched for EOI
@@ -86,6 +87,8 @@ def find_damage(fmt: str, stream: BinaryIO, start: int, size: int, head: bytes) 
     """Rule ``truncated``'s structural check of the file's end; a description, or None if intact."""
     if fmt == "PNG":
         if read_at(stream, start + max(0, size - len(_PNG_IEND)), len(_PNG_IEND)) == _PNG_IEND:
+            return None
+        if _png_image_ends_early(stream, start, size):
             return None
         return "it does not end with the PNG end chunk (IEND)"
     if fmt == "JPEG":
@@ -177,6 +180,31 @@ def _jpeg_dims(stream: BinaryIO, start: int, size: int) -> tuple[int, int] | Non
             height, width = struct.unpack_from(">HH", frame, 1)
             return width, height
     return None
+
+
+def _png_image_ends_early(stream: BinaryIO, start: int, size: int) -> bool:
+    """Whether the PNG's chunks reach a complete IEND before the file ends.
+
+    Some writers (and tools that append metadata) leave bytes after IEND;
+    decoders, the API's included, stop there.  Hops from chunk to chunk by
+    their lengths, so an IEND-like run of bytes inside a chunk never counts,
+    and a file cut anywhere before its IEND's last byte is still refused.
+    Only for files whose last bytes are not IEND: one small read per chunk.
+    """
+    pos, end = start + len(_PNG_SIGNATURE), start + size
+    if read_at(stream, end - 1, 1) == b"":
+        return False  # the stream ends before the size claimed
+    for _ in range(_PNG_MAX_CHUNKS):
+        header = read_at(stream, pos, 8)
+        if len(header) < 8 or pos + 8 > end:
+            return False
+        length, kind = struct.unpack(">I4s", header)
+        if kind == b"IEND":
+            return length == 0 and pos + len(_PNG_IEND) <= end and (
+                read_at(stream, pos, len(_PNG_IEND)) == _PNG_IEND
+            )
+        pos += 12 + length  # length, type, data, CRC
+    return False
 
 
 def _jpeg_image_ends_early(stream: BinaryIO, start: int, size: int) -> bool:

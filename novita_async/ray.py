@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import anyio
 
 from novita_async._client import NovitaClient
-from novita_async._config import RESPONSE_IMAGE_TYPES, RetryPolicy, env_api_key, env_base_url
+from novita_async._config import RESPONSE_IMAGE_TYPES, env_api_key, env_base_url
 from novita_async._errors import ConfigurationError
 from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity
 from novita_async._pacing import Pacer
@@ -48,11 +48,6 @@ __all__ = ["ActorPacer", "merge_faces", "shared_pacer"]
 logger = logging.getLogger("novita_async")
 
 T = TypeVar("T")
-
-#: Retries when the pace adapts: the shared pace starts unthrottled and finds
-#: the limit through 429s, so a row sent early may meet several in a row
-#: (with 5 attempts, 1-2 rows of 60 failed that way in early measurements).
-_ADAPTIVE_RETRY = RetryPolicy(max_attempts=10)
 
 #: Client options that cannot travel to the actors or that this module sets itself.
 _RESERVED_CLIENT_KWARGS = frozenset({"session", "pacer", "requests_per_minute", "max_concurrency"})
@@ -438,8 +433,6 @@ def merge_faces(
         raise ConfigurationError("concurrency and batch_size must be >= 1")
     key = api_key if api_key is not None else env_api_key()
     url = base_url or env_base_url()
-    if requests_per_minute is None and pacer is None:
-        client_kwargs.setdefault("retry", _ADAPTIVE_RETRY)
     options = {"api_key": key, "base_url": url, "max_concurrency": max_concurrency, **client_kwargs}
     # Fail here, on the driver, for a missing key or a bad option: in the
     # actors the same error would surface only once the dataset runs.

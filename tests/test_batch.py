@@ -183,6 +183,33 @@ async def test_adaptive_pace_meets_the_issue_figures(emulator_factory: EmulatorF
 
 
 @pytest.mark.soak
+async def test_default_settings_finish_every_job_at_the_account_default_limit(
+    emulator_factory: EmulatorFactory,
+) -> None:
+    """At 10 per minute (the account default, a burst of 3), 8 jobs at once with the default
+    retries all end ok: the adaptive pace's default of 10 attempts outlasts the 429s it meets
+    while it finds the limit (with 5, 3 of these 8 jobs failed)."""
+    async with emulator_factory(rate_limit_rpm=10, rate_limit_burst=3) as emu:
+        async with na.NovitaClient(api_key=emu.api_key, base_url=emu.url, max_concurrency=8) as client:
+            assert client.retry == na.RetryPolicy(max_attempts=10)
+            run = client.batch(memory_jobs(8), progress=False)
+            results = await collect(run)
+        assert [r.status for r in results] == ["ok"] * 8, run.summary.line()
+        assert emu.stats.statuses[200] == 8
+
+
+def test_default_retries_follow_the_pace() -> None:
+    """Default retries: 5 attempts under a fixed pace, 10 under the adaptive one (it meets 429s
+    while it finds the limit); a policy given is kept either way."""
+    assert na.NovitaClient(api_key="sk_x").retry.max_attempts == 10
+    assert na.NovitaClient(api_key="sk_x", requests_per_minute=10).retry.max_attempts == 5
+    assert na.NovitaClient(api_key="sk_x", pacer=Pacer(requests_per_minute=10)).retry.max_attempts == 5
+    assert na.NovitaClient(api_key="sk_x", pacer=Pacer()).retry.max_attempts == 10
+    given = na.RetryPolicy(max_attempts=2)
+    assert na.NovitaClient(api_key="sk_x", retry=given).retry is given
+
+
+@pytest.mark.soak
 async def test_fixed_pace_holds_over_time(emulator_factory: EmulatorFactory) -> None:
     """rpm=600 over 150 jobs: the average start rate is within 3% of 10 per second."""
     async with emulator_factory(latency=0.05) as emu:

@@ -23,7 +23,7 @@ from .batch_support import (
     write_csv,
     write_inputs,
 )
-from .conftest import flat_image
+from .conftest import flat_image, make_image
 
 SUMMARY = re.compile(r"^ok (\d+), failed (\d+).*skipped (\d+) \(resumed\)", re.MULTILINE)
 
@@ -89,8 +89,6 @@ def test_merge_failure_exits_1_with_the_reason(
     [
         pytest.param(["merge", "{tmp}/nope.png", "{tmp}/face000.png", "-o", "{tmp}/o.png"], "nope.png",
                      id="missing-input"),
-        pytest.param(["batch", "{tmp}/m.csv", "-o", "{tmp}/out", "--concurrency", "0"], "max_concurrency",
-                     id="bad-concurrency"),
         pytest.param(["batch", "{tmp}/bad.csv", "-o", "{tmp}/out"], "lacks column(s) image", id="missing-column"),
         pytest.param(["batch", "{tmp}/none.csv", "-o", "{tmp}/out"], "no such manifest", id="missing-manifest"),
         pytest.param(["batch", "-o", "{tmp}/out"], "give a MANIFEST", id="no-jobs"),
@@ -116,6 +114,170 @@ def test_usage_and_input_errors_exit_2_without_a_traceback(
     assert "Traceback" not in err
 
 
+def parse_error(capsys: pytest.CaptureFixture[str], *argv: object) -> str:
+    """main(argv) refused by the argument parser: exit 2; returns stderr."""
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in argv])
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+#: Python names that must not reach a command-line user in place of the flags.
+PYTHON_NAMES = ("max_concurrency", "requests_per_minute", "Timeout.", "RetryPolicy.", "api_key=", "auto_resize")
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        pytest.param(["batch", "{m}", "--concurrency", "0"], "--concurrency: '0': must be at least 1",
+                     id="concurrency-0"),
+        pytest.param(["merge", "{face}", "{photo}", "--concurrency", "-2"], "--concurrency: '-2': must be at least 1",
+                     id="merge-concurrency"),
+        pytest.param(["batch", "{m}", "--rpm", "0"], "--rpm: '0': must be above 0", id="rpm-0"),
+        pytest.param(["batch", "{m}", "--rpm", "nan"], "--rpm: 'nan': must be a finite number", id="rpm-nan"),
+        pytest.param(["batch", "{m}", "--timeout", "0"], "--timeout: '0': must be above 0", id="timeout-0"),
+        pytest.param(["batch", "{m}", "--timeout", "inf"], "--timeout: 'inf': must be a finite number",
+                     id="timeout-inf"),
+        pytest.param(["batch", "{m}", "--max-attempts", "0"], "--max-attempts: '0': must be at least 1",
+                     id="max-attempts-0"),
+        pytest.param(["batch", "{m}", "--max-attempts", "2.5"], "--max-attempts: '2.5' is not a whole number",
+                     id="max-attempts-fraction"),
+        pytest.param(["batch", "{m}", "--grace", "-1"], "--grace: '-1': must be at least 0", id="grace-negative"),
+        pytest.param(["batch", "{m}", "--shard", "0/2", "--rpm", "60", "--rpm-per-worker", "0"],
+                     "--rpm-per-worker: '0': must be above 0", id="rpm-per-worker-0"),
+        pytest.param(["batch", "{m}", "--shard", "-1/3"], "--shard: shard index must be in 0..2 for 3 shards, got -1",
+                     id="shard-negative"),
+    ],
+)
+def test_numeric_flags_are_refused_naming_the_flag(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    """0, negatives, inf or nan where meaningless: exit 2 naming the flag (not a Python name); nothing sent."""
+    [(face, photo)] = write_inputs(tmp_path, 1)
+    manifest = write_csv(tmp_path / "m.csv", ("face_image", "image"), [(face.name, photo.name)])
+    args = [a.format(m=manifest, face=face, photo=photo) for a in argv]
+    err = parse_error(capsys, *args, "-o", tmp_path / "out", *connect(emu))
+    assert f"error: argument {says}\n" in err, err
+    assert not [name for name in PYTHON_NAMES if name in err], err
+    assert "pacing at" not in err and "Traceback" not in err
+    assert emu.stats.requests == 0 and not (tmp_path / "out").exists()
+
+
+def test_shard_pacing_is_said_only_once_the_settings_are_good(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shard's "pacing at R/min" line comes after the settings are checked, not before their error."""
+    manifest = csv_manifest(tmp_path / "data", 2)
+    code, _, err = run_cli(capsys, "batch", manifest, "-o", tmp_path / "out", "--shard", "0/2", "--rpm", "60")
+    assert code == 2 and err.startswith("novita-async: error: no API key"), err
+    assert "pacing at" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        pytest.param(["--jobs", "0"], "--jobs", id="jobs-0"),
+        pytest.param(["--jobs", "-3"], "--jobs", id="jobs-negative"),
+        pytest.param(["--concurrency", "0"], "--concurrency", id="concurrency-0"),
+        pytest.param(["--latency", "-1"], "--latency", id="latency-negative"),
+    ],
+)
+def test_demo_refuses_bad_numbers_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
+    """`demo --jobs 0` and friends: exit 2 naming the flag, before any input is made."""
+    err = parse_error(capsys, "demo", *argv, "--no-progress", "-o", tmp_path / "demo")
+    assert f"argument {flag}: " in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize(("where", "says"), [
+    pytest.param("m1.png", "output folder {tmp}/m1.png is a file: give a folder (it is created if missing)",
+                 id="a-file"),
+    pytest.param("m1.png/demo", "output folder {tmp}/m1.png/demo cannot be made: {tmp}/m1.png is a file, not a folder",
+                 id="under-a-file"),
+])
+def test_demo_output_in_place_of_a_file_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, says: str
+) -> None:
+    """`demo -o FILE`: one line saying the folder is a file, exit 2, no traceback."""
+    (tmp_path / "m1.png").write_bytes(b"not a folder")
+    code, _, err = run_cli(capsys, "demo", "--jobs", "1", "--no-progress", "-o", tmp_path / where)
+    assert code == 2, err
+    assert err == f"novita-async: error: {says.format(tmp=tmp_path)}\n"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_demo_that_cannot_write_its_inputs_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """`demo -o` where no folder can be made (not even by root): one line, exit 2, no traceback."""
+    code, _, err = run_cli(capsys, "demo", "--jobs", "1", "--no-progress", "-o", "/proc/self/novita-demo")
+    assert code == 2, err
+    assert err.endswith("novita-async: error: cannot write the demo's inputs in /proc/self/novita-demo: "
+                        "No such file or directory\n"), err
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    pytest.param(["-o", "{tmp}/m1.png"],
+                 "output folder {tmp}/m1.png is a file: give a folder (it is created if missing)", id="output-a-file"),
+    pytest.param(["-o", "{tmp}/m1.png/out"],
+                 "output folder {tmp}/m1.png/out cannot be made: {tmp}/m1.png is a file, not a folder",
+                 id="output-under-a-file"),
+    pytest.param(["-o", "{tmp}/out", "--ledger", "{tmp}/emptydir"],
+                 "ledger {tmp}/emptydir is a folder: give a file path such as {tmp}/emptydir/ledger.jsonl",
+                 id="ledger-a-folder"),
+    pytest.param(["-o", "{tmp}/out", "--ledger", "{tmp}/m1.png/l.jsonl"],
+                 "ledger {tmp}/m1.png/l.jsonl cannot be made: {tmp}/m1.png is a file, not a folder",
+                 id="ledger-under-a-file"),
+    pytest.param(["-o", "{tmp}/{long}"], "output folder {tmp}/{long} cannot be used: File name too long",
+                 id="output-name-too-long"),
+    pytest.param(["-o", "{tmp}/out", "--ledger", "{tmp}/{long}"],
+                 "ledger {tmp}/{long} cannot be used: File name too long", id="ledger-name-too-long"),
+])
+def test_batch_output_and_ledger_are_checked_before_the_run(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    """A file where the output folder goes, or a folder where the ledger goes: exit 2 before any job, no summary."""
+    manifest = csv_manifest(tmp_path / "data", 2)
+    (tmp_path / "m1.png").write_bytes(b"not a folder")
+    (tmp_path / "emptydir").mkdir()
+    long_name = "x" * 300  # over any file system's limit on a name
+    args = [a.format(tmp=tmp_path, long=long_name) for a in argv]
+    code, _, err = run_cli(capsys, "batch", manifest, *args, "--no-progress", *connect(emu))
+    assert code == 2, err
+    assert err == f"novita-async: error: {says.format(tmp=tmp_path, long=long_name)}\n"
+    assert emu.stats.requests == 0
+    assert not (tmp_path / "out").exists() and list((tmp_path / "emptydir").iterdir()) == []
+
+
+def test_merge_into_an_existing_folder_is_exit_2(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`merge FACE IMAGE -o EXISTING_DIR` is an input error (exit 2), found before anything is sent."""
+    [(face, photo)] = write_inputs(tmp_path, 1)
+    (tmp_path / "results").mkdir()
+    code, _, err = run_cli(capsys, "merge", face, photo, "-o", tmp_path / "results", *connect(emu))
+    assert code == 2, err
+    assert "is an existing folder" in err and "Traceback" not in err
+    assert emu.stats.requests == 0
+
+
+def test_image_hints_name_the_auto_resize_flag(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An over-size input's fix says `--auto-resize`, in merge's error and in batch's failure line."""
+    [(_, photo)] = write_inputs(tmp_path, 1)
+    wide = tmp_path / "wide.png"
+    wide.write_bytes(make_image(size=(2100, 40)))
+    code, _, err = run_cli(capsys, "merge", wide, photo, "-o", tmp_path / "o.png", *connect(emu))
+    assert code == 2, err
+    assert "pass --auto-resize" in err and "auto_resize" not in err
+    manifest = write_csv(tmp_path / "m.csv", ("face_image", "image"), [("wide.png", photo.name)])
+    code, _, err = run_cli(capsys, "batch", manifest, "-o", tmp_path / "out", "--no-progress", *connect(emu))
+    assert code == 1, err
+    assert "pass --auto-resize" in err and "auto_resize" not in err
+    assert emu.stats.requests == 0
+
+
 def test_key_and_url_come_from_the_environment(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,6 +286,7 @@ def test_key_and_url_come_from_the_environment(
     monkeypatch.setenv("NOVITA_BASE_URL", emu.url)
     code, _, err = run_cli(capsys, "merge", face, image, "-o", tmp_path / "a.png")
     assert code == 2 and "NOVITA_API_KEY" in err
+    assert "pass --api-key KEY" in err and "api_key=" not in err  # the flag, not the Python parameter
     monkeypatch.setenv("NOVITA_API_KEY", emu.api_key)
     code, _, err = run_cli(capsys, "merge", face, image, "-o", tmp_path / "a.png")
     assert code == 0, err
@@ -284,6 +447,49 @@ def test_progress_bar_on_a_terminal_unless_no_progress(
     # The manifest is counted up front, so the bar has a total (3/3) and an ETA.
     assert ("3/3" in err and "job/s" in err and "failed=0" in err and "retries=0" in err) is bar
     assert summary_counts(err) == (3, 0, 0)
+
+
+# -- serve and status -------------------------------------------------------------------
+
+
+def test_serve_on_a_busy_port_says_so(emu: ThreadedEmulator, capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve --port P` with P taken: one line naming the port and the way out, exit 2."""
+    port = emu.url.rsplit(":", 1)[1]
+    code, out, err = run_cli(capsys, "serve", "--port", port, "--engine", "composite")
+    assert code == 2 and out == ""
+    assert err == (f"novita-async serve: error: port {port} is in use on 127.0.0.1: "
+                   "pick another with --port, or --port 0 for a free one\n")
+
+
+def test_serve_on_an_address_not_of_this_machine_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve --host ADDRESS` not of this machine (TEST-NET-1, never local): one line, exit 2."""
+    code, out, err = run_cli(capsys, "serve", "--host", "192.0.2.1", "--port", "0", "--engine", "composite")
+    assert code == 2 and out == ""
+    assert "error: --host 192.0.2.1 is not an address of this machine" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_refuses_a_port_out_of_range(capsys: pytest.CaptureFixture[str], port: str) -> None:
+    """`serve --port 99999`: the parser refuses it naming --port, exit 2."""
+    assert "argument --port: " in parse_error(capsys, "serve", "--port", port)
+
+
+def test_status_of_a_run_over_folders_says_folders(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status --faces --images` counts the jobs left from the folders, and says so (not "manifest")."""
+    pairs = write_inputs(tmp_path / "in", 2)
+    for folder in ("faces", "images"):
+        (tmp_path / folder).mkdir()
+    for face, image in pairs:
+        shutil.copy(face, tmp_path / "faces" / face.name)
+        shutil.copy(image, tmp_path / "images" / image.name)
+    folders = ["--faces", tmp_path / "faces", "--images", tmp_path / "images"]
+    out_dir = tmp_path / "out"
+    assert run_cli(capsys, "batch", *folders, "-o", out_dir, "--no-progress", *connect(emu))[0] == 0
+    code, out, _ = run_cli(capsys, "status", out_dir, *folders)
+    assert code == 0
+    assert "folders: 2 jobs; left 0" in out and "manifest" not in out
 
 
 # -- help -------------------------------------------------------------------------------

@@ -98,6 +98,18 @@ def test_serve_prints_its_url_first_and_answers() -> None:
         assert stats(url)["requests"] == 0
 
 
+def test_serve_on_a_busy_port_is_one_line_and_exit_2() -> None:
+    """A second `serve --port P` on a taken port: one line naming P and the fix, exit 2, no traceback."""
+    with served() as url:
+        port = url.rsplit(":", 1)[1]
+        done = subprocess.run(novita("serve", "--port", port, "--engine", "composite"), capture_output=True,
+                              text=True, timeout=60, env=CHILD_ENV)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr == (f"novita-async serve: error: port {port} is in use on 127.0.0.1: "
+                           "pick another with --port, or --port 0 for a free one\n")
+
+
 def test_ctrl_c_finishes_in_flight_jobs_and_exits_130(tmp_path: Path) -> None:
     """SIGINT mid-batch: no new jobs, in-flight ones finish and are recorded, a summary, exit 130."""
     manifest = csv_manifest(tmp_path / "data", 40)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import gzip
 import io
 import itertools
 import os
@@ -12,7 +13,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import anyio
@@ -35,6 +36,7 @@ TARGET = make_image(size=(96, 80), seed=2)
 PIL_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 #: A fixed pace so fast that a 429's cool-down (a multiple of its interval) is negligible.
 FAST_PACE = 600_000.0
+H = TypeVar("H", bound=io.IOBase)
 
 
 def client_for(emu: Emulator, **kwargs: Any) -> na.NovitaClient:
@@ -126,7 +128,7 @@ INPUTS: dict[str, Callable[[contextlib.ExitStack, Path], Any]] = {
 }
 
 
-def _at(handle: io.BytesIO, offset: int) -> io.BytesIO:
+def _at(handle: H, offset: int) -> H:
     handle.seek(offset)
     return handle
 
@@ -601,6 +603,156 @@ async def test_fixed_pace_spaces_requests(emulator: Emulator) -> None:
     # Booked 0.1 s apart; arrival jitter on a busy machine may shift one a little.
     assert starts[-1] - starts[0] >= 0.28, gaps
     assert min(gaps) >= 0.05, gaps
+
+
+def _shared_plain_file(stack: contextlib.ExitStack, path: Path) -> Any:
+    handle = stack.enter_context(path.open("rb"))
+    handle.seek(7)  # the image starts after a preamble: each call reads from here
+    return handle
+
+
+class SlowSeek(io.BytesIO):
+    """A BytesIO that lets other threads run right after each seek, as a slow device would."""
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        position = super().seek(offset, whence)
+        time.sleep(0.0005)
+        return position
+
+
+SHARED: dict[str, Callable[[contextlib.ExitStack, Path], Any]] = {
+    "open-file": _shared_plain_file,
+    "unbuffered-file": lambda stack, path: _at(stack.enter_context(path.open("rb", buffering=0)), 7),
+    "bytesio": lambda stack, path: _at(io.BytesIO(path.read_bytes()), 7),
+    "slow-seek": lambda stack, path: _at(SlowSeek(path.read_bytes()), 7),
+}
+
+
+@pytest.mark.parametrize("validate", [pytest.param(True, id="checked"), pytest.param(False, id="unchecked")])
+@pytest.mark.parametrize("kind", [pytest.param(k, id=k) for k in SHARED])
+async def test_one_file_object_shared_by_concurrent_calls(
+    emulator: Emulator, closing: contextlib.ExitStack, tmp_path: Path, kind: str, validate: bool
+) -> None:
+    """Eight concurrent calls given one file object each send its image whole and unmixed,
+    and leave its position where it was (a body of the right length with mixed-up
+    chunks would be a different image: the emulator's key would not match)."""
+    face = big_png(4)  # several upload chunks: interleaved reads would mix them up
+    path = tmp_path / "face.bin"
+    path.write_bytes(b"PREAMBL" + face)
+    handle = SHARED[kind](closing, path)
+    targets = [make_image(size=(96, 80), seed=10 + i) for i in range(8)]
+    async with client_for(emulator, validate=validate) as client:
+        async with anyio.create_task_group() as group:
+            for target in targets:
+                group.start_soon(client.merge_face, handle, target)
+        assert handle.tell() == 7
+        await client.merge_face(handle, targets[0])  # and it can be used again
+    assert emulator.stats.successes == {job_key(face, t): 2 if t is targets[0] else 1 for t in targets}
+    assert_no_chunking(emulator)
+
+
+async def test_file_object_whose_descriptor_is_not_its_content(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """A GzipFile (its fileno() is the compressed file's) uploads what read() gives, not the descriptor's bytes."""
+    packed = tmp_path / "face.png.gz"
+    with gzip.open(packed, "wb") as writer:
+        writer.write(FACE)
+    async with client_for(emulator) as client:
+        with gzip.open(packed, "rb") as handle:
+            # typeshed's GzipFile is not an IO[bytes], though it reads like one.
+            await client.merge_face(handle, TARGET)  # type: ignore[arg-type]
+    assert emulator.stats.successes == {job_key(FACE, TARGET): 1}
+
+
+async def test_a_stream_shared_by_concurrent_calls_is_read_by_one(
+    emulator: Emulator, closing: contextlib.ExitStack
+) -> None:
+    """A pipe given to two concurrent calls is sent by one; the other is refused, naming the
+    input and the fix, instead of an "empty image"."""
+    stream = _pipe_reader(closing)
+    async with client_for(emulator) as client:
+        results = await _gather(client.merge_face(stream, TARGET), client.merge_face(stream, FACE))
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 1, results
+    error = errors[0]
+    assert isinstance(error, na.InvalidImageError)
+    assert (error.input_name, error.rule) == ("face_image", "consumed")
+    assert "path or the bytes" in str(error)
+    assert emulator.stats.requests == 1
+
+
+async def _gather(*calls: Any) -> list[Any]:
+    """Run coroutines concurrently; their results or exceptions, in order."""
+    results: list[Any] = [None] * len(calls)
+
+    async def one(index: int, call: Any) -> None:
+        try:
+            results[index] = await call
+        except Exception as exc:
+            results[index] = exc
+
+    async with anyio.create_task_group() as group:
+        for index, call in enumerate(calls):
+            group.start_soon(one, index, call)
+    return results
+
+
+async def _until_in_flight(emu: Emulator) -> None:
+    """Wait (briefly) until the emulator is handling a request."""
+    for _ in range(400):
+        if emu.stats.in_flight:
+            return
+        await anyio.sleep(0.005)
+    raise AssertionError("no request reached the emulator")
+
+
+async def test_closing_the_client_during_a_call_is_client_closed_error(
+    emulator_factory: Callable[..., Emulator],
+) -> None:
+    """aclose() while a request is in flight ends the call with ClientClosedError (a NovitaError),
+    not aiohttp's "Session is closed" from a retry on the closed session."""
+    async with emulator_factory(latency=2.0) as emu:
+        client = client_for(emu)
+        call = _gather(client.merge_face(FACE, TARGET))
+        async with anyio.create_task_group() as group:
+            results: list[Any] = []
+
+            async def run() -> None:
+                results.extend(await call)
+
+            group.start_soon(run)
+            await _until_in_flight(emu)
+            await client.aclose()
+        assert isinstance(results[0], na.ClientClosedError), results
+        assert "closed" in str(results[0])
+
+
+async def test_closing_the_client_while_a_call_waits_its_turn(emulator: Emulator) -> None:
+    """A call still waiting for its pace when the client closes raises ClientClosedError, sending nothing."""
+    async with client_for(emulator, requests_per_minute=60) as client:
+        await client.merge_face(FACE, TARGET)
+        async with anyio.create_task_group() as group:
+            results: list[Any] = []
+
+            async def run() -> None:
+                results.extend(await _gather(client.merge_face(FACE, TARGET)))
+
+            group.start_soon(run)
+            await anyio.sleep(0.2)  # checked and booked: now waiting about a second
+            await client.aclose()
+    assert isinstance(results[0], na.ClientClosedError), results
+    assert emulator.stats.requests == 1
+
+
+async def test_a_caller_session_closed_during_use_is_client_closed_error(emulator: Emulator) -> None:
+    """An injected session its owner closed is ClientClosedError, saying whose session it was."""
+    async with aiohttp.ClientSession() as session:
+        client = client_for(emulator, session=session)
+        await client.merge_face(FACE, TARGET)
+    with pytest.raises(na.ClientClosedError, match="session given"):
+        await client.merge_face(FACE, TARGET)
+    assert emulator.stats.requests == 1
 
 
 # -- lifecycle and configuration -----------------------------------------------------------

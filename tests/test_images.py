@@ -182,6 +182,12 @@ def corpus_files() -> dict[str, Callable[[], bytes]]:
         "png_cut_middle.png": lambda: png[: len(png) // 2],
         "png_cut_before_iend.png": lambda: png[:-12],
         "png_trailing.png": lambda: png + b"junk",
+        # Cut inside a chunk whose data holds IEND's bytes: only hops by chunk lengths count.
+        "png_cut_then_iend_bytes.png": lambda: (
+            png[:-12] + struct.pack(">I", 1000) + b"tEXt" + b"comment" + png[-12:] + b"junk"
+        ),
+        "png_cut_before_iend_then_data.png": lambda: png[:-12] + b"junk" * 100,
+        "png_cut_in_iend.png": lambda: png[:-3],
         "png_cut_header.png": lambda: png[:20],
         "png_bad_header.png": lambda: png.replace(b"IHDR", b"XXXX", 1),
         "jpeg_no_frame.jpg": lambda: b"\xff\xd8\xff\xfe\x00\x04hi" + b"\xff\xd9",
@@ -268,6 +274,7 @@ def assert_message(
         pytest.param("rgba.png", ImageInfo("PNG", 40, 30, 0, "RGBA"), id="png-rgba"),
         pytest.param("l.png", ImageInfo("PNG", 30, 40, 0, "L"), id="png-gray"),
         pytest.param("p.png", ImageInfo("PNG", 20, 20, 0, "P"), id="png-palette"),
+        pytest.param("png_trailing.png", ImageInfo("PNG", 64, 48, 0, "RGB"), id="png-trailing-data"),
         pytest.param("rgb.jpg", ImageInfo("JPEG", 64, 48, 0, "RGB"), id="jpeg-rgb"),
         pytest.param("l.jpg", ImageInfo("JPEG", 32, 32, 0, "L"), id="jpeg-gray"),
         pytest.param("nul_padded.jpg", ImageInfo("JPEG", 64, 48, 0, "RGB"), id="jpeg-padded"),
@@ -314,7 +321,10 @@ def test_valid_images_are_accepted(corpus: dict[str, Path], name: str, expected:
         pytest.param("thin_100x10.jpg", "min_resolution", "100x10", id="100x10"),
         pytest.param("png_cut_middle.png", "truncated", "IEND", id="png-cut-middle"),
         pytest.param("png_cut_before_iend.png", "truncated", "IEND", id="png-cut-before-iend"),
-        pytest.param("png_trailing.png", "truncated", "IEND", id="png-trailing-data"),
+        pytest.param("png_cut_before_iend_then_data.png", "truncated", "IEND",
+                     id="png-cut-before-iend-then-data"),
+        pytest.param("png_cut_in_iend.png", "truncated", "IEND", id="png-cut-in-iend"),
+        pytest.param("png_cut_then_iend_bytes.png", "truncated", "IEND", id="png-iend-inside-a-chunk"),
         pytest.param("png_cut_header.png", "truncated", "IEND", id="png-cut-in-header"),
         pytest.param("jpeg_cut.jpg", "truncated", "FF D9", id="jpeg-cut"),
         pytest.param("jpeg_cut_header.jpg", "truncated", "FF D9", id="jpeg-cut-in-header"),

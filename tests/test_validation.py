@@ -74,3 +74,15 @@ async def test_validate_false_lets_the_server_judge(emulator: Emulator) -> None:
             await client.merge_face(b"this is not an image", make_image())
     assert caught.value.reason == "INVALID_IMAGE_FORMAT"
     assert emulator.stats.requests == 1
+
+
+async def test_png_with_data_after_its_end_is_sent(emulator: Emulator) -> None:
+    """A PNG with bytes after a complete IEND passes the checks (as JPEG data after EOI does) and is merged."""
+    png = make_image()
+    async with na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY) as client:
+        result = await client.merge_face(png + b"appended metadata" * 50, make_image(seed=2))
+        assert result.to_pil().size == (128, 128)
+        with pytest.raises(na.InvalidImageError) as caught:  # cut before its IEND, then more data
+            await client.merge_face(png[:-12] + b"appended metadata" * 50, make_image(seed=2))
+    assert caught.value.rule == "truncated"
+    assert emulator.stats.requests == 1

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
+import math
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
 from novita_async.emulator._config import DEFAULT_API_KEY, FAULT_KINDS, EmulatorConfig, Faults
 from novita_async.emulator._server import Emulator
 
-__all__ = ["add_serve_options", "config_from_args", "serve_command"]
+__all__ = ["add_serve_options", "config_from_args", "number_arg", "serve_command"]
 
 
 def _fault(text: str) -> tuple[str, float]:
@@ -26,29 +29,39 @@ def _fault(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: RATE must be a number between 0 and 1") from None
 
 
-def _number(kind: type[float] | type[int], minimum: float, *, above: bool = False,
-            ) -> Callable[[str], float]:
-    """An argparse type: a number of ``kind`` at least (or above) ``minimum``."""
+def number_arg(kind: type[float] | type[int], minimum: float, *, above: bool = False,
+               maximum: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite number of ``kind`` at least (or above) ``minimum``, at most ``maximum``.
+
+    argparse puts the option's name before the message ("argument --port: ...").
+    """
     def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        # nan compares false with everything, so it would pass the range checks below.
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
         if value < minimum or (above and value == minimum):
             raise argparse.ArgumentTypeError(
                 f"{text!r}: must be {'above' if above else 'at least'} {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be at most {maximum}")
         return value
     return parse
 
 
-_SECONDS = _number(float, 0)
-_COUNT = _number(int, 0)
+_SECONDS = number_arg(float, 0)
+_COUNT = number_arg(int, 0)
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     """Options of ``serve`` (also used by benchmarks that start the emulator)."""
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, loopback only)")
-    parser.add_argument("--port", type=int, default=8787, help="TCP port; 0 picks a free one (default: 8787)")
+    parser.add_argument("--port", type=number_arg(int, 0, maximum=65535), default=8787,
+                        help="TCP port; 0 picks a free one (default: 8787)")
     parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                         help=f"a key to accept (repeatable; default: {DEFAULT_API_KEY})")
     parser.add_argument("--latency", type=_SECONDS, default=0.0, metavar="S", help="seconds added to each merge")
@@ -61,20 +74,20 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed for the fault dice")
     parser.add_argument("--slow-seconds", type=_SECONDS, default=30.0, metavar="S",
                         help="how long a 'slow' fault takes (default: 30)")
-    parser.add_argument("--rpm", type=_number(float, 0, above=True), metavar="R",
+    parser.add_argument("--rpm", type=number_arg(float, 0, above=True), metavar="R",
                         help="per-key rate limit in requests per minute")
-    parser.add_argument("--burst", type=_number(int, 1), default=3, metavar="N",
+    parser.add_argument("--burst", type=number_arg(int, 1), default=3, metavar="N",
                         help="requests allowed at once under --rpm")
     parser.add_argument("--retry-after", action="store_true", help="send Retry-After with rate-limit 429s")
     parser.add_argument("--engine", choices=("auto", "face", "composite"), default="auto",
                         help="merge step: the real face merge ([local] extra) or a simple composite")
-    parser.add_argument("--workers", type=_number(int, 1), default=2, metavar="N",
+    parser.add_argument("--workers", type=number_arg(int, 1), default=2, metavar="N",
                         help="merges run at once (default: 2)")
     parser.add_argument("--balance", type=_COUNT, metavar="N",
                         help="successful merges before BILLING_BALANCE_NOT_ENOUGH")
     parser.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                         help="zlib level of PNG results; 0 stores them uncompressed (default: 1)")
-    parser.add_argument("--keepalive-timeout", type=_number(float, 0, above=True), default=75.0, metavar="S",
+    parser.add_argument("--keepalive-timeout", type=number_arg(float, 0, above=True), default=75.0, metavar="S",
                         help="seconds before an idle keep-alive connection is closed (default: 75)")
 
 
@@ -90,9 +103,13 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     )
 
 
-async def _serve(config: EmulatorConfig, host: str, port: int) -> None:
+async def _serve(config: EmulatorConfig, host: str, port: int) -> int:
     emulator = Emulator(config, host=host, port=port)
-    await emulator.start()
+    try:
+        await emulator.start()
+    except OSError as exc:  # the port is taken, the host is not this machine's...
+        sys.stderr.write(f"novita-async serve: error: {_bind_problem(exc, host, port)}\n")
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -110,6 +127,7 @@ async def _serve(config: EmulatorConfig, host: str, port: int) -> None:
         await stop.wait()
     finally:
         await emulator.stop()
+    return 0
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -121,5 +139,17 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"novita-async serve: error: {exc}\n")
         return 2
-    asyncio.run(_serve(config, args.host, args.port))
-    return 0
+    return asyncio.run(_serve(config, args.host, args.port))
+
+
+def _bind_problem(exc: OSError, host: str, port: int) -> str:
+    """What went wrong binding ``host:port``, and what to do about it, in a line."""
+    if isinstance(exc, socket.gaierror):
+        return f"--host {host} is not an address or a name that resolves ({exc.strerror})"
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is in use on {host}: pick another with --port, or --port 0 for a free one"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host} is not an address of this machine: give one of its own, such as 127.0.0.1"
+    if exc.errno == errno.EACCES:
+        return f"no permission to bind port {port}: pick one above 1023, or --port 0 for a free one"
+    return f"cannot listen on {host} port {port}: {exc.strerror or exc}"
