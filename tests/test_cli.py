@@ -368,6 +368,17 @@ def test_bad_rows_exit_1_naming_their_rows(
     assert "Traceback" not in err
 
 
+def two_folders(root: Path, count: int) -> tuple[Path, Path]:
+    """``count`` input pairs as ``root/faces/faceNNN.png`` and ``root/images/photoNNN.png``."""
+    faces, images = root / "faces", root / "images"
+    faces.mkdir()
+    images.mkdir()
+    for face, image in write_inputs(root / "in", count):
+        shutil.copy(face, faces / face.name)
+        shutil.copy(image, images / image.name)
+    return faces, images
+
+
 @pytest.mark.parametrize(("pair", "names"), [
     pytest.param("zip", ["face000__photo000", "face001__photo001"], id="zip"),
     pytest.param("product", ["face000__photo000", "face000__photo001", "face001__photo000", "face001__photo001"],
@@ -377,12 +388,7 @@ def test_batch_from_two_folders(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str], pair: str, names: list[str]
 ) -> None:
     """`--faces DIR --images DIR --pair P` writes {face}__{image}.{ext} for each pair."""
-    pairs = write_inputs(tmp_path / "in", 2)
-    for folder in ("faces", "images"):
-        (tmp_path / folder).mkdir()
-    for face, image in pairs:
-        shutil.copy(face, tmp_path / "faces" / face.name)
-        shutil.copy(image, tmp_path / "images" / image.name)
+    two_folders(tmp_path, 2)
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "batch", "--faces", tmp_path / "faces", "--images", tmp_path / "images",
                            "--pair", pair, "-o", out, "--type", "webp", "--no-progress", *connect(emu))
@@ -478,12 +484,7 @@ def test_status_of_a_run_over_folders_says_folders(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`status --faces --images` counts the jobs left from the folders, and says so (not "manifest")."""
-    pairs = write_inputs(tmp_path / "in", 2)
-    for folder in ("faces", "images"):
-        (tmp_path / folder).mkdir()
-    for face, image in pairs:
-        shutil.copy(face, tmp_path / "faces" / face.name)
-        shutil.copy(image, tmp_path / "images" / image.name)
+    two_folders(tmp_path, 2)
     folders = ["--faces", tmp_path / "faces", "--images", tmp_path / "images"]
     out_dir = tmp_path / "out"
     assert run_cli(capsys, "batch", *folders, "-o", out_dir, "--no-progress", *connect(emu))[0] == 0
