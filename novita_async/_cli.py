@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("face", metavar="FACE", help="image with the face to put in")
     merge.add_argument("image", metavar="IMAGE", help="image that receives the face")
     merge.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the result")
-    merge.add_argument("--type", choices=RESPONSE_IMAGE_TYPES, default="png", help="result format (default: png)")
+    merge.add_argument("--type", choices=RESPONSE_IMAGE_TYPES,
+                       help="result format (default: from OUT's extension .png/.jpg/.jpeg/.webp, else png)")
     _add_client_options(merge)
 
     batch = sub.add_parser(
@@ -118,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CSV (face_image,image[,output][,id][,response_image_type]) or JSONL manifest")
     batch.add_argument("--faces", metavar="DIR", help="folder of face images (instead of a manifest)")
     batch.add_argument("--images", metavar="DIR", help="folder of target images (with --faces)")
-    batch.add_argument("--pair", choices=("zip", "product"), default="zip",
-                       help="with folders: zip pairs 1st with 1st; product does every face on every image")
+    batch.add_argument("--pair", choices=("zip", "product"),
+                       help="with folders: zip pairs 1st with 1st (default); product does every face on every image")
     batch.add_argument("-o", "--output-dir", required=True, metavar="OUT_DIR", help="folder for results")
     batch.add_argument("--type", choices=RESPONSE_IMAGE_TYPES, default="png", help="result format (default: png)")
     batch.add_argument("--ledger", metavar="FILE", help="ledger file (default: OUT_DIR/ledger.jsonl)")
@@ -183,11 +184,28 @@ def _client_from_args(args: argparse.Namespace) -> NovitaClient:
         raise UsageError(str(exc)) from None
 
 
+#: Result formats by the output's file extension.
+_TYPE_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def _merge_type(output: str, asked: str | None) -> str:
+    """The result format: ``--type``, else OUT's extension, else png; a clash is a usage error."""
+    implied = _TYPE_OF_SUFFIX.get(Path(output).suffix.lower())
+    if asked is None:
+        return implied or "png"
+    if implied is not None and implied != asked:
+        # A JPEG named .png (or the reverse) misleads every program that opens it.
+        raise UsageError(f"-o {output} names a {implied} file but --type is {asked}: drop --type "
+                         "(the format follows OUT's extension) or change the extension")
+    return asked
+
+
 async def _merge_command(args: argparse.Namespace) -> int:
+    image_type = _merge_type(args.output, args.type)
     client = _client_from_args(args)
     async with client:
         try:
-            result = await client.merge_face(args.face, args.image, response_image_type=args.type,
+            result = await client.merge_face(args.face, args.image, response_image_type=image_type,
                                              output=args.output)
         except (InvalidImageError, OutputError) as exc:
             # The inputs or -o (a folder, an unwritable place) are at fault: an input error.
@@ -203,11 +221,13 @@ async def _merge_command(args: argparse.Namespace) -> int:
 def _jobs_from_args(args: argparse.Namespace) -> Iterator[MergeJob | BadRow]:
     if args.manifest and (args.faces or args.images):
         raise UsageError("give either MANIFEST or --faces/--images, not both")
+    if args.manifest and args.pair:
+        raise UsageError("--pair pairs the files of --faces and --images; a manifest pairs its own rows")
     try:
         if args.manifest:
             return check_manifest(args.manifest)
         if args.faces and args.images:
-            return iter(jobs_from_folders(args.faces, args.images, pair=args.pair,
+            return iter(jobs_from_folders(args.faces, args.images, pair=args.pair or "zip",
                                           response_image_type=args.type))
     except (ManifestError, OSError) as exc:
         raise UsageError(str(exc)) from None

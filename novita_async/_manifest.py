@@ -222,13 +222,22 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[MergeJob | BadRow]:
         raise ManifestError(f"{manifest} is a folder: give the manifest's .csv or .jsonl file")
     if not manifest.is_file():
         raise ManifestError(f"{manifest}: no such manifest file")
-    if manifest.suffix.lower() in _JSONL_SUFFIXES:
-        return _read_jsonl(manifest)
     try:
+        if manifest.suffix.lower() in _JSONL_SUFFIXES:
+            _check_jsonl_has_a_row(manifest)
+            return _read_jsonl(manifest)
         header = _csv_header(manifest)
     except OSError as exc:
         raise ManifestError(f"{manifest}: cannot read it: {exc.strerror or exc}") from None
     return _read_csv(manifest, header)
+
+
+def _check_jsonl_has_a_row(path: Path) -> None:
+    """Refuse a JSONL manifest with no row now, as an empty CSV is (reads up to its first row)."""
+    with path.open("rb") as handle:
+        if not any(line.strip() for line in handle):
+            raise ManifestError(f"{path}: the manifest is empty; it needs one JSON object per line "
+                                f"with keys {_EXPECTED}")
 
 
 def check_manifest(path: str | os.PathLike[str]) -> Iterator[MergeJob | BadRow]:

@@ -261,6 +261,43 @@ def test_merge_into_an_existing_folder_is_exit_2(
     assert emu.stats.requests == 0
 
 
+@pytest.mark.parametrize(("name", "fmt"), [pytest.param("m.jpg", "JPEG", id="jpg"),
+                                           pytest.param("m.JPEG", "JPEG", id="jpeg-upper"),
+                                           pytest.param("m.webp", "WEBP", id="webp"),
+                                           pytest.param("m.out", "PNG", id="unknown-is-png")])
+def test_merge_takes_the_type_from_the_output_extension(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, fmt: str
+) -> None:
+    """Without --type, the result's format follows -o's extension (else png): no JPEG named .png."""
+    [(face, photo)] = write_inputs(tmp_path, 1)
+    code, _, err = run_cli(capsys, "merge", face, photo, "-o", tmp_path / name, *connect(emu))
+    assert code == 0, err
+    assert_valid_image(tmp_path / name, fmt)
+
+
+def test_merge_type_that_contradicts_the_extension_is_exit_2(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-o x.jpg --type png` would write a PNG named .jpg: refused before anything is sent."""
+    [(face, photo)] = write_inputs(tmp_path, 1)
+    code, _, err = run_cli(capsys, "merge", face, photo, "-o", tmp_path / "x.jpg", "--type", "png", *connect(emu))
+    assert code == 2
+    assert f"-o {tmp_path / 'x.jpg'} names a jpeg file but --type is png" in err
+    assert emu.stats.requests == 0 and not (tmp_path / "x.jpg").exists()
+
+
+def test_pair_with_a_manifest_is_exit_2(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--pair only pairs folders; given with a manifest it would be silently ignored, so it is refused."""
+    manifest = csv_manifest(tmp_path, 1)
+    code, _, err = run_cli(capsys, "batch", manifest, "-o", tmp_path / "out", "--pair", "product",
+                           "--no-progress", *connect(emu))
+    assert code == 2
+    assert "--pair pairs the files of --faces and --images" in err
+    assert emu.stats.requests == 0
+
+
 def test_image_hints_name_the_auto_resize_flag(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

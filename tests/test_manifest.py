@@ -134,6 +134,15 @@ def test_a_manifest_without_its_columns_is_refused_at_once(tmp_path: Path, text:
     assert says in str(info.value) and info.value.row is None
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n"], ids=["empty", "blank-lines"])
+def test_an_empty_jsonl_manifest_is_refused_at_once(tmp_path: Path, text: str) -> None:
+    """A JSONL manifest without a row is refused when opened, as an empty CSV is."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(text)
+    with pytest.raises(ManifestError, match="the manifest is empty; it needs one JSON object per line"):
+        na.read_manifest(manifest)
+
+
 def test_a_missing_manifest_is_refused(tmp_path: Path) -> None:
     """No such file: ManifestError naming it; a folder is named as one."""
     with pytest.raises(ManifestError, match="no such manifest"):
