@@ -587,6 +587,8 @@ def test_faults_validation(kwargs: dict[str, Any]) -> None:
         pytest.param({"latency": -0.1}, id="latency"),
         pytest.param({"jitter": -1}, id="jitter"),
         pytest.param({"max_body_bytes": 0}, id="max-body"),
+        pytest.param({"rate_limit_kind": "fixed"}, id="rate-limit-kind"),
+        pytest.param({"rate_limit_window": 0}, id="rate-limit-window"),
     ],
 )
 def test_config_validation(kwargs: dict[str, Any]) -> None:
@@ -618,6 +620,22 @@ async def test_rate_limit(
             assert "Retry-After" not in limited.headers
         # The limit is per key.
         assert (await post(http, emu, payload(), key="sk_b")).status == 200
+
+
+async def test_sliding_window_rate_limit(
+    http: aiohttp.ClientSession, emulator_factory: Callable[..., Emulator]
+) -> None:
+    """The "window" kind lets the window's whole count through at once, then refuses until the
+    oldest request leaves the window, saying how long with Retry-After."""
+    async with emulator_factory(rate_limit_rpm=300, rate_limit_kind="window", rate_limit_window=1.2,
+                                rate_limit_retry_after=True) as emu:
+        started = time.monotonic()
+        assert [(await post(http, emu, payload())).status for _ in range(6)] == [200] * 6  # 300/min * 1.2 s
+        limited = await post(http, emu, payload())
+        assert limited.status == 429 and limited.json()["reason"] == "RATE_LIMIT_EXCEEDED"
+        assert limited.headers["Retry-After"] == "2"  # a place frees within 1.2 s: whole seconds, rounded up
+        await anyio.sleep(max(0.0, started + 1.25 - time.monotonic()))
+        assert (await post(http, emu, payload())).status == 200
 
 
 async def test_rate_limit_refills(
@@ -806,10 +824,12 @@ def test_serve_options_make_the_config() -> None:
     parser = argparse.ArgumentParser()
     add_serve_options(parser)
     args = parser.parse_args(["--png-level", "0", "--rpm", "60", "--burst", "2", "--fault", "503=0.25",
+                              "--rate-limit-kind", "window",
                               "--engine", "composite", "--latency", "0.1", "--keepalive-timeout", "5"])
     config = config_from_args(args)
     assert (config.png_level, config.rate_limit_rpm, config.rate_limit_burst) == (0, 60, 2)
     assert config.keepalive_timeout == 5.0
+    assert (config.rate_limit_kind, config_from_args(parser.parse_args([])).rate_limit_kind) == ("window", "bucket")
     assert config_from_args(parser.parse_args([])).keepalive_timeout == 75.0
     assert (config.engine, config.latency, dict(config.faults.rates)) == ("composite", 0.1, {"503": 0.25})
     assert config_from_args(parser.parse_args([])).png_level == 1

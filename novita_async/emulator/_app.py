@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import collections
 import functools
 import hashlib
 import hmac
@@ -143,16 +144,40 @@ class _TokenBucket:
         return (1.0 - tokens) / self.rate
 
 
+class _SlidingWindow:
+    """Per-key rate limit: at most ``rpm * window / 60`` requests in any ``window`` seconds.
+
+    The other way a per-minute limit is commonly kept: with no burst allowance
+    beyond the window's count, but the whole count may come at once.
+    """
+
+    def __init__(self, rpm: float, window: float) -> None:
+        self.window = window
+        self.limit = max(1, int(rpm * window / 60.0))
+        self._starts: dict[str, collections.deque[float]] = {}
+
+    def take(self, key: str, now: float) -> float:
+        """Count a request; return 0 if allowed, else seconds until the window has room."""
+        starts = self._starts.setdefault(key, collections.deque())
+        while starts and starts[0] <= now - self.window:
+            starts.popleft()
+        if len(starts) < self.limit:
+            starts.append(now)
+            return 0.0
+        return starts[0] + self.window - now
+
+
 class _State:
     """Mutable per-app state: config, dice, limiter, merge pool."""
 
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
         self.rng = random.Random(config.faults.seed)
-        self.bucket = (
-            _TokenBucket(config.rate_limit_rpm, config.rate_limit_burst)
-            if config.rate_limit_rpm else None
-        )
+        self.limiter: _TokenBucket | _SlidingWindow | None = None
+        if config.rate_limit_rpm and config.rate_limit_kind == "window":
+            self.limiter = _SlidingWindow(config.rate_limit_rpm, config.rate_limit_window)
+        elif config.rate_limit_rpm:
+            self.limiter = _TokenBucket(config.rate_limit_rpm, config.rate_limit_burst)
         self.merge, self.engine_name = select_merge(config.engine)
         self.merge_limiter = anyio.CapacityLimiter(config.merge_workers)
         self.successes_total = 0
@@ -386,9 +411,9 @@ async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> 
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return _error(400, "IMAGE_FILE_EXCEEDS_MAX_SIZE", "request body too large: images exceed 30 MB")
-    if state.bucket is not None:
+    if state.limiter is not None:
         key = request.headers["Authorization"][7:].strip()
-        wait = state.bucket.take(key, time.monotonic())
+        wait = state.limiter.take(key, time.monotonic())
         if wait > 0:
             headers = {"Retry-After": str(max(1, int(wait + 0.999)))} if (
                 state.config.rate_limit_retry_after) else {}

@@ -78,6 +78,9 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                         help="per-key rate limit in requests per minute")
     parser.add_argument("--burst", type=number_arg(int, 1), default=3, metavar="N",
                         help="requests allowed at once under --rpm")
+    parser.add_argument("--rate-limit-kind", choices=("bucket", "window"), default="bucket",
+                        help="how --rpm is kept: a token bucket with --burst (default), or at most R "
+                             "requests in any sliding minute")
     parser.add_argument("--retry-after", action="store_true", help="send Retry-After with rate-limit 429s")
     parser.add_argument("--engine", choices=("auto", "face", "composite"), default="auto",
                         help="merge step: the real face merge ([local] extra) or a simple composite")
@@ -98,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     return EmulatorConfig(
         api_keys=tuple(args.api_keys or (DEFAULT_API_KEY,)), latency=args.latency, jitter=args.jitter,
         faults=faults, rate_limit_rpm=args.rpm, rate_limit_burst=args.burst,
+        rate_limit_kind=args.rate_limit_kind,
         rate_limit_retry_after=args.retry_after, merge_workers=args.workers, engine=args.engine,
         balance=args.balance, png_level=args.png_level, keepalive_timeout=args.keepalive_timeout,
     )

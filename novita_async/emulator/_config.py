@@ -87,7 +87,14 @@ class EmulatorConfig:
         jitter: Up to this many seconds more, uniformly at random.
         faults: Failures to inject.
         rate_limit_rpm: Per-key limit in requests per minute (None: unlimited).
-        rate_limit_burst: Requests a key may make at once before the pace applies.
+        rate_limit_burst: Requests a key may make at once before the pace applies
+            (the ``"bucket"`` kind).
+        rate_limit_kind: How the limit is kept, as the API does not say:
+            ``"bucket"`` (a token bucket: ``rate_limit_rpm`` per minute, refilled
+            evenly, ``rate_limit_burst`` at once) or ``"window"`` (at most
+            ``rate_limit_rpm * rate_limit_window / 60`` requests in any sliding
+            ``rate_limit_window`` seconds, all at once if they like).
+        rate_limit_window: The sliding window's length in seconds (60: "per minute").
         rate_limit_retry_after: Send ``Retry-After`` with rate-limit 429s.
         merge_workers: Merges run at once in worker threads.
         engine: ``"auto"`` (the real face merge when the [local] extra is
@@ -109,6 +116,8 @@ class EmulatorConfig:
     rate_limit_rpm: float | None = None
     rate_limit_burst: int = 3
     rate_limit_retry_after: bool = False
+    rate_limit_kind: str = "bucket"
+    rate_limit_window: float = 60.0
     merge_workers: int = 2
     engine: str = "auto"
     balance: int | None = None
@@ -131,6 +140,10 @@ class EmulatorConfig:
         _require(self.rate_limit_rpm is None or self.rate_limit_rpm > 0, "rate_limit_rpm",
                  self.rate_limit_rpm, "a positive number of requests per minute, or None for no limit")
         _require(self.rate_limit_burst >= 1, "rate_limit_burst", self.rate_limit_burst, "1 or more")
+        _require(self.rate_limit_kind in ("bucket", "window"), "rate_limit_kind", self.rate_limit_kind,
+                 "'bucket' or 'window'")
+        _require(self.rate_limit_window > 0, "rate_limit_window", self.rate_limit_window,
+                 "a positive number of seconds")
         _require(self.merge_workers >= 1, "merge_workers", self.merge_workers, "1 or more")
         _require(self.balance is None or self.balance >= 0, "balance", self.balance,
                  "0 or more merges, or None for no limit")
