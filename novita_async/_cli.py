@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 
+from novita_async._argtypes import number_arg
 from novita_async._client import NovitaClient
 from novita_async._config import API_KEY_ENV, BASE_URL_ENV, RESPONSE_IMAGE_TYPES, RetryPolicy, Timeout
 from novita_async._errors import ConfigurationError, InvalidImageError, NovitaError, OutputError
@@ -30,7 +32,6 @@ from novita_async._manifest import BadRow, ManifestError, check_manifest, jobs_f
 from novita_async._shard import default_ledger, parse_shard, shard_jobs, shard_rpm
 from novita_async._summary import BatchSummary
 from novita_async._version import __version__
-from novita_async.emulator._cli import number_arg
 
 __all__ = ["main"]
 
@@ -411,13 +412,9 @@ def _status_command(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(status.as_dict(), indent=2) + "\n")
         return EXIT_OK
-    table = status.table()
     if args.faces:
-        # The table speaks of a manifest; this run's jobs came from two folders.
-        # (Better done by the table itself: RunStatus knows no job source yet.)
-        table = re.sub(r"^manifest: ", "folders: ", table, flags=re.MULTILINE)
-        table = table.replace("not in this manifest", "not in these folders")
-    sys.stdout.write(table + "\n")
+        status = dataclasses.replace(status, source="folders")
+    sys.stdout.write(status.table() + "\n")
     return EXIT_OK
 
 

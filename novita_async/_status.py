@@ -69,6 +69,8 @@ class RunStatus:
         never_run: Manifest jobs that no ledger mentions.
         foreign: Recorded ids that are not in the manifest (another manifest's
             ledger, or a manifest edited since).
+        source: What listed the run's jobs, as the table names it (``"manifest"``,
+            ``"jobs"`` for ``run_status(jobs=...)``, ``"folders"`` from the command line).
     """
 
     ledgers: list[tuple[Path, LedgerCounts | None]]
@@ -76,6 +78,7 @@ class RunStatus:
     manifest_jobs: int | None = None
     never_run: int = 0
     foreign: int = 0
+    source: str = "manifest"
 
     @property
     def left(self) -> int | None:
@@ -119,10 +122,10 @@ class RunStatus:
             lines.append("left: unknown (give --manifest to count the jobs no ledger mentions)")
         else:
             not_done = t.failed_total + t.not_attempted
-            lines.append(f"manifest: {self.manifest_jobs} jobs; left {self.left} "
+            lines.append(f"{self.source}: {self.manifest_jobs} jobs; left {self.left} "
                          f"({self.never_run} never run, {not_done} failed or not attempted)")
             if self.foreign:
-                lines.append(f"note: {self.foreign} recorded job(s) are not in this manifest")
+                lines.append(f"note: {self.foreign} recorded job(s) are not in the {self.source}")
         return "\n".join(lines)
 
 
@@ -177,6 +180,7 @@ def run_status(
                 merged[job_id] = record
         per_file.append((path, counts))
     total = LedgerCounts()
+    source = "manifest" if manifest is not None else "jobs"
     if manifest is not None:
         jobs = read_manifest(manifest)
     if jobs is None:
@@ -199,4 +203,4 @@ def run_status(
             recorded += 1
             total.add(last)
     return RunStatus(ledgers=per_file, total=total, manifest_jobs=len(seen), never_run=never_run,
-                     foreign=len(merged) - recorded)
+                     foreign=len(merged) - recorded, source=source)

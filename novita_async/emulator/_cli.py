@@ -6,16 +6,15 @@ import argparse
 import asyncio
 import contextlib
 import errno
-import math
 import signal
 import socket
 import sys
-from collections.abc import Callable
 
+from novita_async._argtypes import number_arg
 from novita_async.emulator._config import DEFAULT_API_KEY, FAULT_KINDS, EmulatorConfig, Faults
 from novita_async.emulator._server import Emulator
 
-__all__ = ["add_serve_options", "config_from_args", "number_arg", "serve_command"]
+__all__ = ["add_serve_options", "config_from_args", "serve_command"]
 
 
 def _fault(text: str) -> tuple[str, float]:
@@ -27,30 +26,6 @@ def _fault(text: str) -> tuple[str, float]:
         return kind, float(rate)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: RATE must be a number between 0 and 1") from None
-
-
-def number_arg(kind: type[float] | type[int], minimum: float, *, above: bool = False,
-               maximum: float | None = None) -> Callable[[str], float]:
-    """An argparse type: a finite number of ``kind`` at least (or above) ``minimum``, at most ``maximum``.
-
-    argparse puts the option's name before the message ("argument --port: ...").
-    """
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        # nan compares false with everything, so it would pass the range checks below.
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
-        if value < minimum or (above and value == minimum):
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: must be {'above' if above else 'at least'} {minimum}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be at most {maximum}")
-        return value
-    return parse
 
 
 _SECONDS = number_arg(float, 0)
