@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import contextvars
 import enum
-import ipaddress
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
 import anyio.to_thread
 
+from novita_async._arguments import check_base_url, check_client_types, check_max_concurrency, check_output
 from novita_async._config import (
     API_KEY_ENV,
     MERGE_FACE_PATH,
@@ -85,32 +83,6 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-def _check_base_url(base_url: str) -> str:
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError(
-            f"base_url {base_url!r} is not an http(s) URL; pass e.g. 'https://api.novita.ai' "
-            "or the emulator's 'http://127.0.0.1:PORT'"
-        )
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
-        warnings.warn(
-            f"base_url {base_url!r} is plain HTTP to a non-loopback host: the API key and "
-            "images travel unencrypted. Use https.",
-            UserWarning,
-            stacklevel=3,
-        )
-    return base_url.rstrip("/")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _path_folders(inputs: tuple[tuple[object, str], ...], output: Path | None) -> tuple[str, ...] | None:
     """The folders a job's inputs and output are in; None if an input is not a path.
 
@@ -125,47 +97,6 @@ def _path_folders(inputs: tuple[tuple[object, str], ...], output: Path | None) -
     if output is not None:
         folders.append(folder_of(output))
     return tuple(dict.fromkeys(folders))
-
-
-def _check_types(**arguments: object) -> None:
-    """Refuse a constructor argument of the wrong type now, naming it, not at first use."""
-    expected: dict[str, tuple[type, ...]] = {
-        "api_key": (str,), "base_url": (str,), "retry": (RetryPolicy,),
-        "session": (aiohttp.ClientSession,), "pacer": (PacerProtocol,),
-        "auto_resize": (bool,), "validate": (bool,),
-    }
-    hints = {
-        "api_key": "pass the key as a str ('sk_...')",
-        "retry": "pass na.RetryPolicy(max_attempts=...)",
-        "session": "pass an aiohttp.ClientSession, or None for the client's own",
-        "pacer": "pass a na.Pacer (or any na.PacerProtocol), or requests_per_minute=... instead",
-    }
-    for name, value in arguments.items():
-        if value is None and name not in ("auto_resize", "validate"):
-            continue
-        if not isinstance(value, expected[name]):
-            wanted = " or ".join(kind.__name__ for kind in expected[name])
-            hint = hints.get(name, f"pass a {wanted}")
-            # Never the value of a key, even a malformed one.
-            shown = type(value).__name__ if name == "api_key" else f"{type(value).__name__} {value!r:.40}"
-            raise ConfigurationError(f"{name} must be a {wanted}, got {shown}: {hint}")
-    if isinstance(arguments["session"], aiohttp.ClientSession) and arguments["session"].closed:
-        raise ConfigurationError("session is already closed: pass an open aiohttp.ClientSession, "
-                                 "or None for the client's own")
-
-
-def _check_output(output: object) -> Path | None:
-    """``merge_face``'s ``output`` as a Path; a ConfigurationError for anything but a file path."""
-    if output is None:
-        return None
-    path = os.fspath(output) if isinstance(output, (str, os.PathLike)) else None
-    if not isinstance(path, str) or not path:
-        shown = f"{type(output).__name__} {output!r:.40}"
-        raise ConfigurationError(
-            f"output must be the path of the result file (a non-empty str or os.PathLike), "
-            f"got {shown}; pass output=None to keep the result in memory"
-        )
-    return Path(path)
 
 
 class NovitaClient:
@@ -223,7 +154,7 @@ class NovitaClient:
         pacer: PacerProtocol | None = None,
         file_io: FileIO = "auto",
     ) -> None:
-        _check_types(api_key=api_key, base_url=base_url, retry=retry, session=session, pacer=pacer,
+        check_client_types(api_key=api_key, base_url=base_url, retry=retry, session=session, pacer=pacer,
                      auto_resize=auto_resize, validate=validate)
         key = api_key if api_key is not None else env_api_key()
         if not key or not key.strip():
@@ -231,13 +162,11 @@ class NovitaClient:
                 f"no API key: pass api_key=... or set the {API_KEY_ENV} environment variable "
                 "(keys start with 'sk_')"
             )
-        concurrency: object = max_concurrency  # checked at run time, whatever the annotation says
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigurationError(f"max_concurrency must be an int >= 1, got {concurrency!r}")
+        check_max_concurrency(max_concurrency)
         if requests_per_minute is not None:
             check_number("requests_per_minute", requests_per_minute, above=True)
         self._api_key = key.strip()
-        self.base_url = _check_base_url(base_url or env_base_url())
+        self.base_url = check_base_url(base_url or env_base_url())
         self.timeout = Timeout.of(timeout)
         self.max_concurrency = max_concurrency
         self.auto_resize = auto_resize
@@ -456,7 +385,7 @@ class NovitaClient:
             )
         started = time.monotonic()
         resize = self.auto_resize if auto_resize is None else auto_resize
-        out_path = _check_output(output)
+        out_path = check_output(output)
         face, target = await self._prepare(((face_image, "face_image"), (image, "image")), resize, out_path)
         try:
             body = RequestBody(face, target, extra)

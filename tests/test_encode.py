@@ -19,6 +19,7 @@ import novita_async as na
 from novita_async import _sources
 from novita_async._config import READ_CHUNK
 from novita_async._encode import RequestBody, b64_length, body_parts, build_extra, coalesce
+from novita_async._source_base import pread_full
 from novita_async._sources import ImageSource, buffer_source
 
 from .conftest import request_json, source_from_input
@@ -200,7 +201,7 @@ async def test_path_that_changes_after_stat(tmp_path: Path, new_content: bytes, 
     "cached",
     [
         pytest.param(lambda fd, view, offset: None, id="nothing-cached"),
-        pytest.param(lambda fd, view, offset: _sources._pread_full(fd, view[: len(view) // 2], offset)
+        pytest.param(lambda fd, view, offset: pread_full(fd, view[: len(view) // 2], offset)
                      if len(view) > 1 else None, id="half-cached"),
     ],
 )

@@ -21,6 +21,7 @@ from novita_async._fileio import (
     folder_of,
     parse_mountinfo,
 )
+from novita_async._source_base import pread_full
 from novita_async.emulator import Emulator
 
 from .batch_support import write_inputs
@@ -229,13 +230,13 @@ async def test_reads_the_page_cache_cannot_serve_follow_the_folder(
         calls = FileCalls(mode)
         await calls.run((str(folder),), lambda: None)  # the folder is learnt
         threads: list[int] = []
-        real = _sources._pread_full
+        real = pread_full
 
         def recording(fd: int, view: memoryview, offset: int) -> int:
             threads.append(threading.get_ident())
             return real(fd, view, offset)
 
-        monkeypatch.setattr(_sources, "_pread_full", recording)
+        monkeypatch.setattr(_sources, "pread_full", recording)
         source = _sources._source_sync(path, "face_image", calls)
         read = b"".join([bytes(piece) async for piece in source.chunks(300)])
         assert read == data
