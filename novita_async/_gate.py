@@ -6,6 +6,10 @@ waits for its pacing turn and its retry back-off inside the gate's
 :meth:`SendGate.waiting` scope, so closing the gate ends those waits at once:
 with a pace of 10 requests a minute, 32 jobs queued for their turn would
 otherwise keep a graceful stop waiting for over three minutes.
+
+Each client keeps one more gate of its own, which ``aclose()`` closes: its
+calls' waits (for a request slot, a pacing turn, a retry's back-off) end at
+once rather than when their turn comes.
 """
 
 from __future__ import annotations

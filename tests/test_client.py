@@ -728,21 +728,74 @@ async def test_closing_the_client_during_a_call_is_client_closed_error(
         assert "closed" in str(results[0])
 
 
-async def test_closing_the_client_while_a_call_waits_its_turn(emulator: Emulator) -> None:
-    """A call still waiting for its pace when the client closes raises ClientClosedError, sending nothing."""
-    async with client_for(emulator, requests_per_minute=60) as client:
-        await client.merge_face(FACE, TARGET)
+async def _close_while_waiting(client: na.NovitaClient, calls: int, *, settle: float = 0.2) -> list[Any]:
+    """Start ``calls`` merges, close the client while they wait, and return their outcomes.
+
+    The waits the calls are in last ten seconds or more; closing must end them
+    at once, so the whole exchange has to finish well inside that.
+    """
+    results: list[Any] = []
+    with anyio.fail_after(5):
         async with anyio.create_task_group() as group:
-            results: list[Any] = []
 
             async def run() -> None:
-                results.extend(await _gather(client.merge_face(FACE, TARGET)))
+                results.extend(await _gather(*(client.merge_face(FACE, TARGET) for _ in range(calls))))
 
             group.start_soon(run)
-            await anyio.sleep(0.2)  # checked and booked: now waiting about a second
+            await anyio.sleep(settle)  # checked and booked: now waiting
             await client.aclose()
-    assert isinstance(results[0], na.ClientClosedError), results
+    return results
+
+
+async def test_closing_the_client_ends_a_wait_for_the_pace_at_once(emulator: Emulator) -> None:
+    """Calls waiting for their pace turn when the client closes raise ClientClosedError at once,
+    sending nothing (at 6 a minute they would otherwise wait 10 and 20 s, then raise)."""
+    client = client_for(emulator, requests_per_minute=6)
+    await client.merge_face(FACE, TARGET)
+    results = await _close_while_waiting(client, 2)
+    assert all(isinstance(r, na.ClientClosedError) for r in results), results
     assert emulator.stats.requests == 1
+
+
+async def test_closing_the_client_ends_a_wait_for_a_request_slot_at_once(
+    emulator_factory: Callable[..., Emulator],
+) -> None:
+    """A call queued behind max_concurrency when the client closes raises ClientClosedError at
+    once, not when the slow request ahead of it ends (on the caller's session, which aclose()
+    leaves open, that request goes on)."""
+    async with emulator_factory(latency=30.0) as emu, aiohttp.ClientSession() as session:
+        client = client_for(emu, max_concurrency=1, session=session)
+        queued: list[Any] = []
+        ended = anyio.Event()
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as group:
+                group.start_soon(client.merge_face, FACE, TARGET)  # holds the only slot
+                await _until_in_flight(emu)
+
+                async def run() -> None:
+                    queued.extend(await _gather(client.merge_face(FACE, TARGET)))
+                    ended.set()
+
+                group.start_soon(run)
+                await anyio.sleep(0.2)  # queued for the slot
+                await client.aclose()
+                await ended.wait()
+                group.cancel_scope.cancel()  # the request in flight would take 30 s
+        assert isinstance(queued[0], na.ClientClosedError), queued
+        assert emu.stats.requests == 1
+
+
+async def test_closing_the_client_ends_a_retry_back_off_at_once(
+    emulator_factory: Callable[..., Emulator],
+) -> None:
+    """A call sleeping before its retry when the client closes raises ClientClosedError at once."""
+    faults = Faults(fail_first=1, fail_first_kind="503")
+    async with emulator_factory(faults=faults) as emu:
+        retry = na.RetryPolicy(max_attempts=3, initial_wait=30.0, max_wait=30.0)
+        client = client_for(emu, retry=retry)
+        results = await _close_while_waiting(client, 1, settle=0.5)
+        assert isinstance(results[0], na.ClientClosedError), results
+        assert emu.stats.requests == 1
 
 
 async def test_a_caller_session_closed_during_use_is_client_closed_error(emulator: Emulator) -> None:
