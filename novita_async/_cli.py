@@ -1,7 +1,7 @@
 """The ``novita-async`` command line: merge, batch, serve, demo, status.
 
 Exit codes: 0 all ok, 1 some jobs failed, 2 usage or input error (a message,
-no traceback), 130 interrupted (Ctrl-C).
+no traceback), 130 interrupted (Ctrl-C, SIGINT), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -201,19 +201,47 @@ def _merge_type(output: str, asked: str | None) -> str:
     return asked
 
 
+def _signal_exit(signum: int) -> int:
+    """The shell's exit code for a process ended by ``signum``: 130 for SIGINT, 143 for SIGTERM."""
+    return 128 + signum
+
+
 async def _merge_command(args: argparse.Namespace) -> int:
     image_type = _merge_type(args.output, args.type)
     client = _client_from_args(args)
-    async with client:
-        try:
-            result = await client.merge_face(args.face, args.image, response_image_type=image_type,
-                                             output=args.output)
-        except (InvalidImageError, OutputError) as exc:
-            # The inputs or -o (a folder, an unwritable place) are at fault: an input error.
-            raise UsageError(str(exc)) from None
-        except NovitaError as exc:
-            _say(f"error: {type(exc).__name__}: {exc}")
-            return EXIT_FAILED
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    terminated = False
+
+    def on_sigterm() -> None:
+        # SIGTERM's default ends the process where it stands, leaving the
+        # result's temporary file behind; cancelling lets the call clean up.
+        nonlocal terminated
+        terminated = True
+        if task is not None:
+            task.cancel()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        async with client:
+            try:
+                result = await client.merge_face(args.face, args.image, response_image_type=image_type,
+                                                 output=args.output)
+            except (InvalidImageError, OutputError) as exc:
+                # The inputs or -o (a folder, an unwritable place) are at fault: an input error.
+                raise UsageError(str(exc)) from None
+            except NovitaError as exc:
+                _say(f"error: {type(exc).__name__}: {exc}")
+                return EXIT_FAILED
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        _say("terminated: nothing written")
+        return _signal_exit(signal.SIGTERM)
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGTERM)
     _say(f"wrote {result.path} ({result.image_type}, {result.attempts} attempt"
          f"{'s' if result.attempts != 1 else ''}, {result.elapsed:.2f} s)")
     return EXIT_OK
@@ -258,13 +286,15 @@ async def run_batch_command(
     loop = asyncio.get_running_loop()
     scope = anyio.CancelScope()
     interrupts = 0
+    first_signal = signal.SIGINT
     timers: list[asyncio.TimerHandle] = []
     failure: str | None = None
 
-    def on_signal() -> None:
-        nonlocal interrupts
+    def on_signal(signum: signal.Signals) -> None:
+        nonlocal interrupts, first_signal
         interrupts += 1
         if interrupts == 1:
+            first_signal = signum  # the exit code says which signal stopped the run
             run.stop()
             _say(f"interrupted: finishing jobs in flight (up to {grace:g} s); press Ctrl-C again to stop now")
             timers.append(loop.call_later(grace, scope.cancel))
@@ -274,7 +304,7 @@ async def run_batch_command(
     installed = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signum, on_signal)
+            loop.add_signal_handler(signum, on_signal, signum)
             installed.append(signum)
     try:
         with scope:
@@ -298,7 +328,7 @@ async def run_batch_command(
         _say(f"novita-async: error: {failure}")
         return EXIT_USAGE, summary
     if summary.interrupted:
-        return EXIT_INTERRUPTED, summary
+        return _signal_exit(first_signal), summary
     return (EXIT_FAILED if summary.failed_total or summary.not_attempted else EXIT_OK), summary
 
 
@@ -409,6 +439,12 @@ def _status_command(args: argparse.Namespace) -> int:
         status = run_status(args.ledgers, manifest=args.manifest, jobs=jobs)
     except (ManifestError, OSError) as exc:
         raise UsageError(str(exc)) from None
+    if all(counts is None for _, counts in status.ledgers):
+        # A missing file is a shard not started yet; none at all is a wrong path,
+        # and "0 done" would read as a run that did nothing.
+        named = ", ".join(str(path) for path in args.ledgers)
+        raise UsageError(f"no ledger found at {named}: give the ledger file a batch wrote "
+                         "(OUT_DIR/ledger.jsonl by default) or its output folder")
     if args.json:
         sys.stdout.write(json.dumps(status.as_dict(), indent=2) + "\n")
         return EXIT_OK

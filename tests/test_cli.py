@@ -530,6 +530,31 @@ def test_status_of_a_run_over_folders_says_folders(
     assert "folders: 2 jobs; left 0" in out and "manifest" not in out
 
 
+@pytest.mark.parametrize("where", ["missing.jsonl", "empty_folder"])
+def test_status_of_no_ledger_at_all_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """`status` on a path with no ledger (a typo, a folder no batch wrote to): one line, exit 2,
+    not a table of zeros with exit 0."""
+    (tmp_path / "empty_folder").mkdir()
+    code, out, err = run_cli(capsys, "status", tmp_path / where)
+    assert code == 2 and out == ""
+    assert f"no ledger found at {tmp_path / where}" in err and "Traceback" not in err
+
+
+def test_status_counts_a_shard_not_started_among_others(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One ledger missing among several is a shard not started yet: no error."""
+    two_folders(tmp_path, 1)
+    folders = ["--faces", tmp_path / "faces", "--images", tmp_path / "images"]
+    out_dir = tmp_path / "out"
+    assert run_cli(capsys, "batch", *folders, "-o", out_dir, "--no-progress", *connect(emu))[0] == 0
+    code, out, _ = run_cli(capsys, "status", out_dir / "ledger.jsonl", out_dir / "ledger.shard-1-of-2.jsonl")
+    assert code == 0
+    assert "(not found)" in out and out.splitlines()[-2].split()[:2] == ["all", "1"]
+
+
 # -- help -------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ import pytest
 import novita_async as na
 from novita_async.emulator import DEFAULT_API_KEY
 
-from .batch_support import assert_valid_image, csv_manifest, ledger_lines, results_in, temp_files
+from .batch_support import assert_valid_image, csv_manifest, ledger_lines, results_in, temp_files, write_inputs
 
 #: The child processes must not inherit a user's key or endpoint either.
 CHILD_ENV = {k: v for k, v in os.environ.items() if not k.startswith("NOVITA_")}
@@ -137,6 +137,43 @@ def test_ctrl_c_finishes_in_flight_jobs_and_exits_130(tmp_path: Path) -> None:
     for path in outputs:
         assert_valid_image(path)
     assert temp_files(out) == []
+
+
+def test_sigterm_stops_a_batch_gracefully_and_exits_143(tmp_path: Path) -> None:
+    """SIGTERM (a service manager stopping the worker) stops a batch as Ctrl-C does, exit 143
+    (128 + SIGTERM, as the shell reports a process SIGTERM ended)."""
+    manifest = csv_manifest(tmp_path / "data", 40)
+    out = tmp_path / "out"
+    ledger = out / "ledger.jsonl"
+    with served("--latency", "0.25") as url:
+        process = start_batch(manifest, out, url)
+        wait_for(lambda: line_count(ledger) >= 4)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+        seen = stats(url)
+    assert process.returncode == 143, err
+    assert "interrupted: finishing jobs in flight" in err and "Traceback" not in err
+    lines = ledger_lines(ledger)
+    assert 4 <= len(lines) < 40 and {line["status"] for line in lines} == {"ok"}
+    assert sum(seen["successes"].values()) == len(lines)  # jobs in flight were finished
+    assert temp_files(out) == []
+
+
+def test_sigterm_during_merge_exits_143_writing_nothing(tmp_path: Path) -> None:
+    """SIGTERM while `merge` waits for its answer: one line, exit 143, no result or temporary file."""
+    face, image = write_inputs(tmp_path / "in", 1)[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    with served("--latency", "5") as url:
+        process = subprocess.Popen(
+            novita("merge", face, image, "-o", out / "r.png", "--base-url", url, "--api-key", DEFAULT_API_KEY),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+        wait_for(lambda: stats(url)["in_flight"] == 1)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 143, err
+    assert err == "terminated: nothing written\n"
+    assert list(out.iterdir()) == []
 
 
 def test_second_ctrl_c_stops_at_once_with_a_consistent_ledger(tmp_path: Path) -> None:
