@@ -439,12 +439,14 @@ def _status_command(args: argparse.Namespace) -> int:
         status = run_status(args.ledgers, manifest=args.manifest, jobs=jobs)
     except (ManifestError, OSError) as exc:
         raise UsageError(str(exc)) from None
-    if all(counts is None for _, counts in status.ledgers):
-        # A missing file is a shard not started yet; none at all is a wrong path,
-        # and "0 done" would read as a run that did nothing.
+    if jobs is None and args.manifest is None and all(counts is None for _, counts in status.ledgers):
+        # A missing file is a shard not started yet; with none at all and no
+        # job list to count against, the table would say nothing but "0", and
+        # a mistyped path would pass for a run that did nothing.
         named = ", ".join(str(path) for path in args.ledgers)
         raise UsageError(f"no ledger found at {named}: give the ledger file a batch wrote "
-                         "(OUT_DIR/ledger.jsonl by default) or its output folder")
+                         "(OUT_DIR/ledger.jsonl by default) or its output folder; before a run "
+                         "starts, add --manifest to see the jobs it has left")
     if args.json:
         sys.stdout.write(json.dumps(status.as_dict(), indent=2) + "\n")
         return EXIT_OK

@@ -10,7 +10,7 @@
     │   │   ├── NoFaceDetectedError         IMAGE_NO_FACE_DETECTED
     │   │   └── InsufficientBalanceError    BILLING_BALANCE_NOT_ENOUGH
     │   ├── AuthenticationError         401, 400 MISSING_API_KEY, 403 INVALID_API_KEY
-    │   ├── PermissionDeniedError       other 403
+    │   ├── PermissionDeniedError       other 403 (BILLING_AUTH_FAILED, API_NOT_ALLOWED)
     │   ├── NotFoundError               404
     │   ├── RateLimitError              429 (carries retry_after)
     │   └── ServerError                 5xx

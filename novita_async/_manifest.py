@@ -289,11 +289,30 @@ def jobs_from_folders(
         logger.warning("zip pairing: %d faces and %d images; the last %d %s no partner",
                        len(face_files), len(image_files), abs(len(face_files) - len(image_files)),
                        "faces have" if len(face_files) > len(image_files) else "images have")
-    return _folder_jobs(face_files, image_files, pair, output_extension(response_image_type))
+    return _FolderJobs(face_files, image_files, pair, output_extension(response_image_type))
 
 
-def _folder_jobs(face_files: list[Path], image_files: list[Path], pair: str, ext: str) -> Iterator[MergeJob]:
-    pairs = zip(face_files, image_files, strict=False) if pair == "zip" else itertools.product(face_files, image_files)
-    for face, image in pairs:
-        name = f"{face.stem}__{image.stem}"
-        yield MergeJob(str(face), str(image), output=f"{name}.{ext}", id=name)
+class _FolderJobs(Iterator[MergeJob]):
+    """The jobs pairing two folders' files, made as they are taken.
+
+    ``len()`` is the number of jobs in all, known from the two listings, so a
+    batch's progress bar has a total and an ETA.
+    """
+
+    def __init__(self, face_files: list[Path], image_files: list[Path], pair: str, ext: str) -> None:
+        self._count = (min(len(face_files), len(image_files)) if pair == "zip"
+                       else len(face_files) * len(image_files))
+        pairs = (zip(face_files, image_files, strict=False) if pair == "zip"
+                 else itertools.product(face_files, image_files))
+        self._jobs = (_folder_job(face, image, ext) for face, image in pairs)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __next__(self) -> MergeJob:
+        return next(self._jobs)
+
+
+def _folder_job(face: Path, image: Path, ext: str) -> MergeJob:
+    name = f"{face.stem}__{image.stem}"
+    return MergeJob(str(face), str(image), output=f"{name}.{ext}", id=name)

@@ -492,6 +492,18 @@ def test_progress_bar_on_a_terminal_unless_no_progress(
     assert summary_counts(err) == (3, 0, 0)
 
 
+def test_progress_bar_of_a_run_over_folders_has_a_total(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`batch --faces --images --pair product` draws a bar with its total (2 x 2 = 4 jobs)."""
+    two_folders(tmp_path, 2)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    code, _, err = run_cli(capsys, "batch", "--faces", tmp_path / "faces", "--images", tmp_path / "images",
+                           "--pair", "product", "-o", tmp_path / "out", *connect(emu))
+    assert code == 0
+    assert "4/4" in err and summary_counts(err) == (4, 0, 0)
+
+
 # -- serve and status -------------------------------------------------------------------
 
 

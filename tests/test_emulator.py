@@ -427,7 +427,14 @@ async def test_enterprise_requests_are_counted(
 FAULT_CHECKS = [
     "500", "502_html", "503", "429", "429_retry_after", "drop", "truncate", "slow", "drip",
     "bad_json", "no_image_file", "bad_base64", "huge_error", "wrong_content_type",
+    "504_html", "invalid_image_size", "billing_auth_failed", "api_not_allowed",
 ]
+#: Faults answered in the API's JSON error shape: kind -> (status, reason).
+JSON_ERROR_FAULTS = {
+    "invalid_image_size": (400, "INVALID_IMAGE_SIZE"),
+    "billing_auth_failed": (403, "BILLING_AUTH_FAILED"),
+    "api_not_allowed": (403, "API_NOT_ALLOWED"),
+}
 
 
 def test_every_fault_kind_is_tested() -> None:
@@ -466,11 +473,17 @@ async def test_fault_does_what_fault_kinds_says(
                 assert len(first.body) >= 10 * 1024 * 1024
             if kind == "slow":
                 assert took >= 0.2
-        elif kind == "502_html":
+        elif kind in ("502_html", "504_html"):
             assert isinstance(first, Answer)
-            assert first.status == 502
+            assert first.status == int(kind[:3])
             assert first.headers["Content-Type"].startswith("text/html")
             assert first.body.startswith(b"<html>")
+        elif kind in JSON_ERROR_FAULTS:
+            assert isinstance(first, Answer)
+            status, reason = JSON_ERROR_FAULTS[kind]
+            doc = first.json()
+            assert (first.status, doc["code"], doc["reason"]) == (status, status, reason)
+            assert isinstance(doc["message"], str) and doc["metadata"] == {}
         elif kind == "drop":
             assert isinstance(first, aiohttp.ServerDisconnectedError)
         elif kind == "truncate":
@@ -589,6 +602,10 @@ def test_faults_validation(kwargs: dict[str, Any]) -> None:
         pytest.param({"max_body_bytes": 0}, id="max-body"),
         pytest.param({"rate_limit_kind": "fixed"}, id="rate-limit-kind"),
         pytest.param({"rate_limit_window": 0}, id="rate-limit-window"),
+        pytest.param({"max_body_bytes_held": 0}, id="max-body-held"),
+        pytest.param({"body_read_timeout": 0}, id="body-read-timeout"),
+        pytest.param({"body_read_timeout": float("nan")}, id="body-read-timeout-nan"),
+        pytest.param({"body_read_timeout": float("inf")}, id="body-read-timeout-inf"),
     ],
 )
 def test_config_validation(kwargs: dict[str, Any]) -> None:
@@ -837,9 +854,26 @@ def test_serve_options_make_the_config() -> None:
         parser.parse_args(["--png-level", "12"])
 
 
+def test_serve_options_bound_body_memory_and_read_time() -> None:
+    """--max-body-held-mib and --body-read-timeout map onto the config, with its defaults."""
+    import argparse
+
+    from novita_async.emulator._cli import add_serve_options, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_options(parser)
+    config = config_from_args(parser.parse_args(["--max-body-held-mib", "1.5", "--body-read-timeout", "0.5"]))
+    assert (config.max_body_bytes_held, config.body_read_timeout) == (3 * 512 * 1024, 0.5)
+    default = config_from_args(parser.parse_args([]))
+    assert (default.max_body_bytes_held, default.body_read_timeout) == (
+        EmulatorConfig().max_body_bytes_held, EmulatorConfig().body_read_timeout)
+
+
 @pytest.mark.parametrize("argv", [["--workers", "0"], ["--rpm", "-5"], ["--rpm", "0"], ["--burst", "0"],
                                   ["--balance", "-1"], ["--latency", "-1"], ["--slow-seconds", "x"],
-                                  ["--keepalive-timeout", "0"], ["--fail-first", "-2"]])
+                                  ["--keepalive-timeout", "0"], ["--fail-first", "-2"],
+                                  ["--max-body-held-mib", "0"], ["--body-read-timeout", "0"],
+                                  ["--body-read-timeout", "inf"]])
 def test_serve_refuses_impossible_settings(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """`serve` refuses a setting that would hang the emulator or mean something else,
     naming the option."""

@@ -201,7 +201,9 @@ def test_folder_pairing_names_outputs_after_both_files(tmp_path: Path, pair: str
         (tmp_path / "in" / f"face{index:03d}.png").rename(faces / f"face{index:03d}.png")
         (tmp_path / "in" / f"photo{index:03d}.png").rename(images / f"photo{index:03d}.png")
     (faces / "notes.txt").write_text("not an image")
-    jobs = list(na.jobs_from_folders(faces, images, pair=pair, response_image_type="jpeg"))
+    stream = na.jobs_from_folders(faces, images, pair=pair, response_image_type="jpeg")
+    assert len(stream) == len(expected)  # type: ignore[arg-type]  # known up front: a progress bar's total
+    jobs = list(stream)
     assert [job.id for job in jobs] == expected
     assert [job.output for job in jobs] == [f"{name}.jpg" for name in expected]
     assert [Path(str(job.face_image)).parent for job in jobs] == [faces] * len(expected)

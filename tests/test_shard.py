@@ -355,7 +355,13 @@ def test_status_takes_a_manifest_or_jobs_not_both(tmp_path: Path) -> None:
 
 
 def test_cli_status_of_nothing_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Status before any shard started: every ledger 'not found', exit 0."""
-    code, text, _ = _run(capsys, "status", tmp_path / "ledger.shard-0-of-2.jsonl",
-                         tmp_path / "ledger.shard-1-of-2.jsonl")
+    """Status before any shard started: with the manifest, every ledger 'not found' and every job
+    left, exit 0; without it there is nothing to say, and a mistyped path would pass for that: exit 2."""
+    ledgers = [tmp_path / "ledger.shard-0-of-2.jsonl", tmp_path / "ledger.shard-1-of-2.jsonl"]
+    manifest = csv_manifest(tmp_path / "data", 3)
+    code, text, _ = _run(capsys, "status", *ledgers, "--manifest", manifest)
     assert code == 0 and text.count("(not found)") == 2
+    assert "manifest: 3 jobs; left 3 (3 never run" in text
+    code, text, err = _run(capsys, "status", *ledgers)
+    assert code == 2 and text == ""
+    assert f"no ledger found at {ledgers[0]}, {ledgers[1]}" in err and "--manifest" in err

@@ -9,10 +9,11 @@ Example:
     >>> config = EmulatorConfig(latency=0.2, faults=Faults(rates={"503": 0.1}))
 """
 
-from novita_async.emulator._app import STATS, EmulatorStats, create_app, job_key
+from novita_async.emulator._app import STATS, create_app
 from novita_async.emulator._config import DEFAULT_API_KEY, FAULT_KINDS, EmulatorConfig, Faults
 from novita_async.emulator._merge import composite_merge
 from novita_async.emulator._server import Emulator
+from novita_async.emulator._stats import EmulatorStats, job_key
 
 __all__ = [
     "DEFAULT_API_KEY",

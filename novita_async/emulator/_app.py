@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import collections
-import functools
-import hashlib
 import hmac
 import io
 import json
@@ -14,9 +11,7 @@ import logging
 import random
 import time
 import warnings
-import weakref
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -26,9 +21,13 @@ from PIL import Image
 
 from novita_async._b64 import b64decode_strict, b64encode
 from novita_async._config import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, RESPONSE_IMAGE_TYPES
+from novita_async.emulator._budget import BodyBudget
 from novita_async.emulator._config import EmulatorConfig
 from novita_async.emulator._facemerge import NoFaceFoundError
-from novita_async.emulator._merge import MergeFn, encode_result, select_merge, stored_png
+from novita_async.emulator._faults import LATE_FAULTS, drop, error_response, inject, truncated
+from novita_async.emulator._merge import MergeFn, encode_result, select_merge
+from novita_async.emulator._ratelimit import SlidingWindow, TokenBucket
+from novita_async.emulator._stats import EmulatorStats, job_key
 
 __all__ = ["CONFIG", "STATS", "EmulatorStats", "create_app"]
 
@@ -40,150 +39,26 @@ _ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP"})
 # Greyscale images with more than 8 bits per sample (16-bit PNGs); Pillow's
 # convert("RGB") clips these instead of scaling them, so they are scaled first.
 _WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
-#: Request start times kept for ``EmulatorStats.started_at`` (a bounded window,
-#: so a million-request soak run does not grow the emulator's memory).
-STARTS_KEPT = 100_000
-
-
-@dataclass
-class EmulatorStats:
-    """What the emulator saw; tests read it to check the client's behaviour.
-
-    Attributes:
-        requests: Requests received on the merge-face route.
-        statuses: Responses sent, by status (dropped connections are not here).
-        faults: Faults injected, by kind.
-        in_flight / peak_in_flight: Requests being handled now / at most at once.
-        attempts: Attempts per job (a job is keyed by its two images' hashes).
-        successes: Successful answers per job.
-        chunked_requests: Requests that used chunked transfer encoding.
-        missing_content_length: Requests without a Content-Length header.
-        enterprise_requests: Valid requests that asked for the enterprise plan.
-        handled: Successful merges timed in ``handling_seconds``.
-        handling_seconds: The emulator's own time on those requests, from the
-            body received to the answer ready (parse, wait for a merge worker,
-            decode, merge, encode), not counting the latency knob or network
-            I/O; benchmarks divide by ``handled`` for the per-request time.
-        handling_cpu_seconds: CPU seconds of the parse and merge steps.
-        connections: TCP connections that carried merge-face requests (a
-            client that keeps its connections alive opens few).
-        started_at: ``time.monotonic()`` of the latest requests (at most
-            ``STARTS_KEPT``), for measuring a client's pace.
-        first_request_at: ``time.monotonic()`` of the first request, or None.
-    """
-
-    requests: int = 0
-    statuses: Counter[int] = field(default_factory=Counter)
-    faults: Counter[str] = field(default_factory=Counter)
-    in_flight: int = 0
-    peak_in_flight: int = 0
-    attempts: Counter[str] = field(default_factory=Counter)
-    successes: Counter[str] = field(default_factory=Counter)
-    chunked_requests: int = 0
-    missing_content_length: int = 0
-    enterprise_requests: int = 0
-    started_at: deque[float] = field(default_factory=lambda: deque(maxlen=STARTS_KEPT))
-    first_request_at: float | None = None
-    handled: int = 0
-    handling_seconds: float = 0.0
-    handling_cpu_seconds: float = 0.0
-    connections: int = 0
-    # The connections' transports seen so far; weak, so a closed one's memory
-    # (and identity) can be reused without being mistaken for it.
-    _transports: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet, repr=False)
-
-    def count_connection(self, transport: object) -> None:
-        """Count a connection (its transport) the first time it carries a request."""
-        if transport is not None and transport not in self._transports:
-            self._transports.add(transport)
-            self.connections += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready snapshot."""
-        return {
-            "requests": self.requests,
-            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
-            "faults": dict(self.faults),
-            "in_flight": self.in_flight,
-            "peak_in_flight": self.peak_in_flight,
-            "attempts": dict(self.attempts),
-            "successes": dict(self.successes),
-            "chunked_requests": self.chunked_requests,
-            "missing_content_length": self.missing_content_length,
-            "enterprise_requests": self.enterprise_requests,
-            "handled": self.handled,
-            "handling_seconds": self.handling_seconds,
-            "handling_cpu_seconds": self.handling_cpu_seconds,
-            "connections": self.connections,
-            # time.monotonic() of the first request (system-wide on Linux).
-            "first_request_at": self.first_request_at,
-        }
-
-
-def job_key(face: bytes, image: bytes) -> str:
-    """The emulator's identity of a job: hashes of its two decoded images."""
-    return hashlib.sha1(face).hexdigest()[:16] + ":" + hashlib.sha1(image).hexdigest()[:16]
-
-
-class _TokenBucket:
-    """Per-key rate limit: ``rpm`` per minute, ``burst`` at once."""
-
-    def __init__(self, rpm: float, burst: int) -> None:
-        self.rate = rpm / 60.0
-        self.burst = float(max(1, burst))
-        self._tokens: dict[str, tuple[float, float]] = {}
-
-    def take(self, key: str, now: float) -> float:
-        """Take a token; return 0 if allowed, else seconds until one is free."""
-        tokens, last = self._tokens.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
-            self._tokens[key] = (tokens - 1.0, now)
-            return 0.0
-        self._tokens[key] = (tokens, now)
-        return (1.0 - tokens) / self.rate
-
-
-class _SlidingWindow:
-    """Per-key rate limit: at most ``rpm * window / 60`` requests in any ``window`` seconds.
-
-    The other way a per-minute limit is commonly kept: with no burst allowance
-    beyond the window's count, but the whole count may come at once.
-    """
-
-    def __init__(self, rpm: float, window: float) -> None:
-        self.window = window
-        self.limit = max(1, int(rpm * window / 60.0))
-        self._starts: dict[str, collections.deque[float]] = {}
-
-    def take(self, key: str, now: float) -> float:
-        """Count a request; return 0 if allowed, else seconds until the window has room."""
-        starts = self._starts.setdefault(key, collections.deque())
-        while starts and starts[0] <= now - self.window:
-            starts.popleft()
-        if len(starts) < self.limit:
-            starts.append(now)
-            return 0.0
-        return starts[0] + self.window - now
 
 
 class _State:
-    """Mutable per-app state: config, dice, limiter, merge pool."""
+    """Mutable per-app state: config, dice, limiter, merge pool, body budget."""
 
-    def __init__(self, config: EmulatorConfig) -> None:
+    def __init__(self, config: EmulatorConfig, stats: EmulatorStats) -> None:
         self.config = config
         self.rng = random.Random(config.faults.seed)
-        self.limiter: _TokenBucket | _SlidingWindow | None = None
+        self.limiter: TokenBucket | SlidingWindow | None = None
         if config.rate_limit_rpm and config.rate_limit_kind == "window":
-            self.limiter = _SlidingWindow(config.rate_limit_rpm, config.rate_limit_window)
+            self.limiter = SlidingWindow(config.rate_limit_rpm, config.rate_limit_window)
         elif config.rate_limit_rpm:
-            self.limiter = _TokenBucket(config.rate_limit_rpm, config.rate_limit_burst)
+            self.limiter = TokenBucket(config.rate_limit_rpm, config.rate_limit_burst)
         self.merge, self.engine_name = select_merge(config.engine)
         self.merge_limiter = anyio.CapacityLimiter(config.merge_workers)
         self.successes_total = 0
         # Merges under way that would spend balance if they succeed: counted
         # against the balance up front, so concurrent requests cannot overspend it.
         self.balance_held = 0
+        self.body_budget = BodyBudget(config.max_body_bytes_held, stats)
 
     def fault_roll(self, key: str, attempt: int) -> float:
         """The fault dice for one attempt: with a seed, a function of the seed,
@@ -200,53 +75,69 @@ CONFIG = web.AppKey("config", EmulatorConfig)
 _STATE = web.AppKey("state", _State)
 
 
-def _error(status: int, reason: str, message: str, **headers: str) -> web.Response:
-    """An answer in the API's error shape."""
-    body = {"code": status, "reason": reason, "message": message, "metadata": {}}
-    return web.json_response(body, status=status, headers=headers or None)
 
 
 def _check_key(request: web.Request, keys: tuple[str, ...]) -> web.Response | None:
     auth = request.headers.get("Authorization", "")
     if not auth.startswith("Bearer ") or not auth[7:].strip():
-        return _error(400, "MISSING_API_KEY", "missing API key in the Authorization header")
+        return error_response(400, "MISSING_API_KEY", "missing API key in the Authorization header")
     # aiohttp keeps header bytes that are not UTF-8 as surrogates; encode them
     # back the same way so such a key is simply wrong, not a crash.
     given = auth[7:].strip().encode("utf-8", "surrogateescape")
     # Compare against every key, in constant time, without stopping early.
     matches = [hmac.compare_digest(given, key.encode()) for key in keys]
     if not any(matches):
-        return _error(403, "INVALID_API_KEY", "invalid API key")
+        return error_response(403, "INVALID_API_KEY", "invalid API key")
     return None
 
 
-def _parse_body(raw: bytes) -> tuple[bytes, bytes, str, bool] | web.Response:
-    """Decode the request JSON; return (face, image, type, enterprise) or an error response."""
+def _load_json(raw: bytearray) -> Any:
+    """``json.loads(raw)``, emptying ``raw`` as soon as its text is decoded.
+
+    The body's bytes, its text and the parsed strings would otherwise all be
+    alive at once: three times the body instead of two.
+
+    Raises:
+        ValueError, UnicodeDecodeError, RecursionError: as ``json.loads``.
+    """
+    # The same decoding json.loads applies to bytes (UTF-8, -16 or -32).
+    text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    raw.clear()
+    return json.loads(text)
+
+
+def _parse_body(raw: bytearray) -> tuple[bytes, bytes, str, bool] | web.Response:
+    """Decode the request JSON; return (face, image, type, enterprise) or an error response.
+
+    ``raw`` is emptied on the way (its memory is freed before the images are decoded).
+    """
     try:
-        body = json.loads(raw)
+        body = _load_json(raw)
     except (ValueError, UnicodeDecodeError):
-        return _error(400, "INVALID_REQUEST_BODY", "request body is not valid JSON")
+        return error_response(400, "INVALID_REQUEST_BODY", "request body is not valid JSON")
     except RecursionError:
-        return _error(400, "INVALID_REQUEST_BODY", "request body is nested too deeply")
+        return error_response(400, "INVALID_REQUEST_BODY", "request body is nested too deeply")
     if not isinstance(body, dict):
-        return _error(400, "INVALID_REQUEST_BODY", "request body must be a JSON object")
+        return error_response(400, "INVALID_REQUEST_BODY", "request body must be a JSON object")
     decoded: list[bytes] = []
     for name in ("face_image_file", "image_file"):
-        value = body.get(name)
+        # Popped, so each base64 text is freed once its image is decoded.
+        value = body.pop(name, None)
         if not isinstance(value, str) or not value:
-            return _error(400, "INVALID_REQUEST_BODY", f"{name} is required (a base64 string)")
+            return error_response(400, "INVALID_REQUEST_BODY", f"{name} is required (a base64 string)")
         try:
             decoded.append(b64decode_strict(value.encode("ascii")))
         except (binascii.Error, ValueError, UnicodeEncodeError):
-            return _error(400, "INVALID_REQUEST_BODY", f"{name} is not valid base64")
+            return error_response(400, "INVALID_REQUEST_BODY", f"{name} is not valid base64")
+        del value
     extra = body.get("extra")
     if extra is None:
         extra = {}
     elif not isinstance(extra, dict):
-        return _error(400, "INVALID_REQUEST_BODY", "extra must be a JSON object")
+        return error_response(400, "INVALID_REQUEST_BODY", "extra must be a JSON object")
     image_type = extra.get("response_image_type", "png")
     if image_type not in RESPONSE_IMAGE_TYPES:
-        return _error(400, "INVALID_REQUEST_BODY",
+        return error_response(400, "INVALID_REQUEST_BODY",
                       f"extra.response_image_type must be one of {', '.join(RESPONSE_IMAGE_TYPES)}")
     plan = extra.get("enterprise_plan")
     enterprise = isinstance(plan, dict) and plan.get("enabled") is True
@@ -302,7 +193,7 @@ def _timed_merge_to_body(
     return body, time.thread_time() - cpu
 
 
-def _timed_parse(raw: bytes) -> tuple[tuple[bytes, bytes, str, bool] | web.Response, str, float]:
+def _timed_parse(raw: bytearray) -> tuple[tuple[bytes, bytes, str, bool] | web.Response, str, float]:
     """Parse the body and key the job, timed, in a worker thread.
 
     JSON-parsing and base64-decoding two 30 MB images, then hashing them, takes
@@ -314,73 +205,21 @@ def _timed_parse(raw: bytes) -> tuple[tuple[bytes, bytes, str, bool] | web.Respo
     return parsed, key, time.thread_time() - cpu
 
 
-async def _inject(kind: str, request: web.Request, state: _State) -> web.StreamResponse:
-    """Answer one attempt with fault ``kind``."""
-    config = state.config.faults
-    if kind == "500":
-        return _error(500, "CREATE_TASK_FAILED", "failed to create task")
-    if kind == "502_html":
-        html = "<html><head><title>502 Bad Gateway</title></head><body>bad gateway</body></html>"
-        return web.Response(status=502, text=html, content_type="text/html")
-    if kind == "503":
-        return _error(503, "SERVICE_UNAVAILABLE", "surge protection: try again later")
-    if kind == "429":
-        return _error(429, "RATE_LIMIT_EXCEEDED", "rate limit exceeded")
-    if kind == "429_retry_after":
-        return _error(429, "RATE_LIMIT_EXCEEDED", "rate limit exceeded", **{"Retry-After": "1"})
-    if kind == "huge_error":
-        message = "x" * (10 * 1024 * 1024)
-        return _error(500, "TASK_FAILED", message)
-    if kind == "bad_json":
-        return web.Response(status=200, text="<html>not json</html>", content_type="application/json")
-    if kind == "no_image_file":
-        return web.json_response({"image_type": "png"})
-    if kind == "bad_base64":
-        return web.Response(status=200, body=b'{"image_file":"@@not base64@@","image_type":"png"}',
-                            content_type="application/json")
-    if kind == "slow":
-        await asyncio.sleep(config.slow_seconds)
-        return _error(500, "TASK_FAILED", "too slow")
-    if kind == "drip":
-        body = _drip_body()
-        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
-        response.content_length = len(body)
-        await response.prepare(request)
-        for index in range(len(body)):
-            await response.write(body[index : index + 1])
-            await asyncio.sleep(config.drip_interval)
-        return response
-    raise AssertionError(f"fault {kind} is handled by the caller")
+class _BodyTooLarge(Exception):
+    """More than ``max_body_bytes`` of request body arrived."""
 
 
-@functools.cache
-def _drip_body() -> bytes:
-    """A small but real success body (a 1x1 PNG) for the ``drip`` fault."""
-    png = stored_png(Image.new("RGB", (1, 1), (128, 128, 128)))
-    return b'{"image_file":"' + b64encode(png) + b'","image_type":"png"}'
+@dataclass(frozen=True)
+class _Fault:
+    """A fault to answer with once the request's images are let go.
 
+    Attributes:
+        kind: The fault (see ``FAULT_KINDS``).
+        body: The merged answer, for a fault that spoils one (``truncate``).
+    """
 
-async def _discard_body(request: web.Request, limit: int) -> None:
-    """Read the request body without keeping it, up to ``limit`` bytes."""
-    seen = 0
-    while seen <= limit and (piece := await request.content.readany()):
-        seen += len(piece)
-
-
-def _drop(request: web.Request) -> web.StreamResponse:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-    # Nothing can be sent any more; aiohttp discards this quietly.
-    return web.Response(status=500)
-
-
-async def _truncated(request: web.Request, body: bytes) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
-    response.content_length = len(body)
-    await response.prepare(request)
-    await response.write(body[: len(body) // 2])
-    return _drop(request)
+    kind: str
+    body: bytes = b""
 
 
 def _pick_fault(state: _State, key: str, attempt: int) -> str | None:
@@ -395,50 +234,83 @@ def _pick_fault(state: _State, key: str, attempt: int) -> str | None:
     return None
 
 
-async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> web.StreamResponse:
+def _count_framing(request: web.Request, stats: EmulatorStats) -> None:
     if request.headers.get("Transfer-Encoding", "").lower() == "chunked":
         stats.chunked_requests += 1
     if request.content_length is None:
         stats.missing_content_length += 1
-    # The key is checked from the headers, as a gateway does, before the body
-    # is held in memory; the body is still read (and dropped) before the
-    # answer, so the client sees the error rather than a reset mid-upload.
-    denied = _check_key(request, state.config.api_keys)
-    if denied is not None:
-        await _discard_body(request, state.config.max_body_bytes)
-        return denied
+
+
+def _body_reservation(request: web.Request, config: EmulatorConfig) -> int:
+    """Budget bytes a request reserves before its body is read: its Content-Length,
+    or, without one (chunked), the largest body it may send."""
+    length = request.content_length
+    return config.max_body_bytes if length is None else min(length, config.max_body_bytes)
+
+
+async def _read_body(request: web.Request, limit: int, *, keep: bool) -> bytearray:
+    """Read the whole request body into one buffer, or (``keep=False``) read and drop it.
+
+    Unlike ``request.read()``, the bytes are not cached on the request (where
+    they would stay until the answer is sent) nor copied once more at the end.
+
+    Raises:
+        _BodyTooLarge: more than ``limit`` bytes came, when keeping them (a
+            dropped body just stops being read there).
+    """
+    buffer = bytearray()
+    seen = 0
+    while piece := await request.content.readany():
+        seen += len(piece)
+        if seen > limit:
+            if keep:
+                raise _BodyTooLarge
+            break
+        if keep:
+            buffer += piece
+    return buffer
+
+
+async def _receive(
+    request: web.Request, state: _State, stats: EmulatorStats, *, keep: bool
+) -> bytearray | web.StreamResponse:
+    """The request body, read within ``body_read_timeout``; else what to answer instead."""
+    config = state.config
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return _error(400, "IMAGE_FILE_EXCEEDS_MAX_SIZE", "request body too large: images exceed 30 MB")
+        with anyio.fail_after(config.body_read_timeout):
+            return await _read_body(request, config.max_body_bytes, keep=keep)
+    except TimeoutError:
+        # A client that stalls mid-body would hold its connection (and its
+        # share of the body budget) for good: close it as a proxy would; the
+        # client sees a dropped connection, which it may retry.
+        stats.body_read_timeouts += 1
+        logger.info("closed a connection whose request body took over %g s", config.body_read_timeout)
+        return drop(request)
+    except _BodyTooLarge:
+        return error_response(400, "IMAGE_FILE_EXCEEDS_MAX_SIZE", "request body too large: images exceed 30 MB")
+
+
+def _refuse_before_parsing(request: web.Request, state: _State) -> web.Response | None:
+    """A 429 from the rate limit, or a 400 for a body that is not JSON; None to go on."""
     if state.limiter is not None:
         key = request.headers["Authorization"][7:].strip()
         wait = state.limiter.take(key, time.monotonic())
         if wait > 0:
             headers = {"Retry-After": str(max(1, int(wait + 0.999)))} if (
                 state.config.rate_limit_retry_after) else {}
-            return _error(429, "RATE_LIMIT_EXCEEDED", "images per minute limit exceeded", **headers)
+            return error_response(429, "RATE_LIMIT_EXCEEDED", "images per minute limit exceeded", **headers)
     if request.content_type != "application/json":  # parameters such as charset are fine
-        return _error(400, "INVALID_REQUEST_BODY", "Content-Type must be application/json")
-    handling_started = time.perf_counter()
-    parsed, key, parse_cpu = await anyio.to_thread.run_sync(_timed_parse, raw)
-    if isinstance(parsed, web.Response):
-        return parsed
-    face, image, image_type, enterprise = parsed
-    del raw
-    if enterprise:
-        stats.enterprise_requests += 1
-    stats.attempts[key] += 1
-    fault = _pick_fault(state, key, stats.attempts[key])
-    if fault is not None:
-        stats.faults[fault] += 1
-        if fault not in ("truncate", "drop", "wrong_content_type"):
-            return await _inject(fault, request, state)
-        if fault == "drop":
-            return _drop(request)
+        return error_response(400, "INVALID_REQUEST_BODY", "Content-Type must be application/json")
+    return None
+
+
+async def _merge(
+    state: _State, face: bytes, image: bytes, image_type: str
+) -> tuple[bytes, float, float] | web.Response:
+    """Merge after the latency knob: (answer body, seconds slept, CPU seconds), or the refusal."""
     balance = state.config.balance
     if balance is not None and state.successes_total + state.balance_held >= balance:
-        return _error(400, "BILLING_BALANCE_NOT_ENOUGH", "balance not enough")
+        return error_response(400, "BILLING_BALANCE_NOT_ENOUGH", "balance not enough")
     state.balance_held += 1
     try:
         delay = state.config.latency + state.rng.random() * state.config.jitter
@@ -450,15 +322,47 @@ async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> 
             _timed_merge_to_body, state.merge, face, image, image_type, state.config.png_level,
             limiter=state.merge_limiter,
         )
+        return body, slept, merge_cpu
     except _BadImage as exc:
-        return _error(400, exc.reason, exc.message)
+        return error_response(400, exc.reason, exc.message)
     except NoFaceFoundError as exc:
         name = "face_image_file" if exc.which == "face_image" else "image_file"
-        return _error(400, "IMAGE_NO_FACE_DETECTED", f"no face detected in {name}")
+        return error_response(400, "IMAGE_NO_FACE_DETECTED", f"no face detected in {name}")
     finally:
         state.balance_held -= 1
+
+
+async def _receive_and_merge(
+    request: web.Request, state: _State, stats: EmulatorStats
+) -> web.StreamResponse | _Fault:
+    """Read, check, parse and merge one request: its answer, or the fault to answer with."""
+    raw = await _receive(request, state, stats, keep=True)
+    if isinstance(raw, web.StreamResponse):
+        return raw
+    refused = _refuse_before_parsing(request, state)
+    if refused is not None:
+        return refused
+    handling_started = time.perf_counter()
+    parsed, key, parse_cpu = await anyio.to_thread.run_sync(_timed_parse, raw)
+    if isinstance(parsed, web.Response):
+        return parsed
+    face, image, image_type, enterprise = parsed
+    if enterprise:
+        stats.enterprise_requests += 1
+    stats.attempts[key] += 1
+    fault = _pick_fault(state, key, stats.attempts[key])
+    if fault is not None:
+        stats.faults[fault] += 1
+        if fault == "drop":
+            return drop(request)
+        if fault not in LATE_FAULTS:
+            return _Fault(fault)
+    merged = await _merge(state, face, image, image_type)
+    if isinstance(merged, web.Response):
+        return merged
+    body, slept, merge_cpu = merged
     if fault == "truncate":
-        return await _truncated(request, body)
+        return _Fault(fault, body)
     stats.successes[key] += 1
     state.successes_total += 1
     stats.handled += 1
@@ -466,6 +370,28 @@ async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> 
     stats.handling_cpu_seconds += parse_cpu + merge_cpu
     content_type = "text/plain" if fault == "wrong_content_type" else "application/json"
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> web.StreamResponse:
+    _count_framing(request, stats)
+    # The key is checked from the headers, as a gateway does, before the body
+    # is held in memory; the body is still read (and dropped) before the
+    # answer, so the client sees the error rather than a reset mid-upload.
+    denied = _check_key(request, state.config.api_keys)
+    if denied is not None:
+        dropped = await _receive(request, state, stats, keep=False)
+        return dropped if isinstance(dropped, web.StreamResponse) else denied
+    # The body is read only once its bytes fit in the budget: until then the
+    # client is held back by TCP flow control, not buffered here.
+    async with state.body_budget.reserve(_body_reservation(request, state.config)):
+        outcome = await _receive_and_merge(request, state, stats)
+    # The body and its images went with _receive_and_merge's frame; a fault's
+    # answer (which may take long: slow, drip) holds none of the budget.
+    if not isinstance(outcome, _Fault):
+        return outcome
+    if outcome.kind == "truncate":
+        return await truncated(request, outcome.body)
+    return await inject(outcome.kind, request, state.config.faults)
 
 
 async def _merge_face(request: web.Request) -> web.StreamResponse:
@@ -495,9 +421,9 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         response: web.StreamResponse = await handler(request)
         return response
     except web.HTTPNotFound:
-        return _error(404, "API_NOT_FOUND", f"no API at {request.path}")
+        return error_response(404, "API_NOT_FOUND", f"no API at {request.path}")
     except web.HTTPMethodNotAllowed as exc:
-        return _error(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed here; use POST",
+        return error_response(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed here; use POST",
                       Allow=",".join(sorted(exc.allowed_methods)))
 
 
@@ -524,7 +450,7 @@ def create_app(config: EmulatorConfig | None = None) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_json_errors])
     app[CONFIG] = config
     app[STATS] = EmulatorStats()
-    app[_STATE] = _State(config)
+    app[_STATE] = _State(config, app[STATS])
     app.router.add_post("/v3/merge-face", _merge_face)
     app.router.add_get("/_emulator/stats", _stats)
     app.router.add_get("/_emulator/health", _health)

@@ -30,6 +30,7 @@ def _fault(text: str) -> tuple[str, float]:
 
 _SECONDS = number_arg(float, 0)
 _COUNT = number_arg(int, 0)
+_MIB = 1024 * 1024
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +68,11 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                         help="zlib level of PNG results; 0 stores them uncompressed (default: 1)")
     parser.add_argument("--keepalive-timeout", type=number_arg(float, 0, above=True), default=75.0, metavar="S",
                         help="seconds before an idle keep-alive connection is closed (default: 75)")
+    parser.add_argument("--max-body-held-mib", type=number_arg(float, 0, above=True), default=512.0, metavar="M",
+                        help="MiB of request bodies held at once; more uploads wait, unread (default: 512)")
+    parser.add_argument("--body-read-timeout", type=number_arg(float, 0, above=True), default=60.0, metavar="S",
+                        help="seconds a request body may take to arrive before the connection is closed "
+                             "(default: 60)")
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
@@ -79,6 +85,9 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         rate_limit_kind=args.rate_limit_kind,
         rate_limit_retry_after=args.retry_after, merge_workers=args.workers, engine=args.engine,
         balance=args.balance, png_level=args.png_level, keepalive_timeout=args.keepalive_timeout,
+        # At least a byte: a tiny fraction of a MiB must not round to an invalid 0.
+        max_body_bytes_held=max(1, int(args.max_body_held_mib * _MIB)),
+        body_read_timeout=args.body_read_timeout,
     )
 
 

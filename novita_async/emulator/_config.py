@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -27,6 +28,10 @@ FAULT_KINDS: Mapping[str, str] = MappingProxyType({
     "bad_base64": "200 whose image_file is not valid base64",
     "huge_error": "500 with a 10 MB error body",
     "wrong_content_type": "200 success body labelled text/plain",
+    "504_html": "504 gateway timeout with an HTML body, as a proxy sends",
+    "invalid_image_size": "400 INVALID_IMAGE_SIZE (JSON body)",
+    "billing_auth_failed": "403 BILLING_AUTH_FAILED (JSON body)",
+    "api_not_allowed": "403 API_NOT_ALLOWED (JSON body)",
 })
 
 
@@ -101,6 +106,17 @@ class EmulatorConfig:
             installed, else the composite), ``"face"`` or ``"composite"``.
         balance: Successful merges before ``BILLING_BALANCE_NOT_ENOUGH`` (None: unlimited).
         max_body_bytes: Largest request body accepted (two 30 MB images as base64, plus slack).
+        max_body_bytes_held: Request body bytes held at once (read, parsed or
+            being merged), across all requests: a request reserves its
+            Content-Length (``max_body_bytes`` without one) before its body is
+            read, and waits, unread, while the budget is full; one body larger
+            than the whole budget is served alone.  The process holds more:
+            a few times each held body while it is parsed and merged (its
+            JSON text, the decoded images, their pixels), plus the answers
+            being sent, which are not counted.
+        body_read_timeout: Seconds a request's body may take to arrive once the
+            emulator starts reading it; past that the connection is closed
+            without an answer, as a proxy does with a client that stalls.
         png_level: zlib level of PNG results, 0-9; 0 stores them uncompressed
             (cheapest for the emulator; benchmarks use it so the emulator's
             CPU does not crowd the client's).
@@ -124,6 +140,8 @@ class EmulatorConfig:
     max_body_bytes: int = 2 * 41 * 1024 * 1024 + 64 * 1024
     png_level: int = 1
     keepalive_timeout: float = 75.0
+    max_body_bytes_held: int = 512 * 1024 * 1024
+    body_read_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.keepalive_timeout > 0:
@@ -148,6 +166,11 @@ class EmulatorConfig:
         _require(self.balance is None or self.balance >= 0, "balance", self.balance,
                  "0 or more merges, or None for no limit")
         _require(self.max_body_bytes > 0, "max_body_bytes", self.max_body_bytes, "a positive size")
+        _require(self.max_body_bytes_held > 0, "max_body_bytes_held", self.max_body_bytes_held,
+                 "a positive number of bytes")
+        # No timeout is unbounded: infinity would bring back the stalled upload held forever.
+        _require(math.isfinite(self.body_read_timeout) and self.body_read_timeout > 0,
+                 "body_read_timeout", self.body_read_timeout, "a positive, finite number of seconds")
 
 
 def _require(ok: bool, name: str, value: object, what: str) -> None:

@@ -8,8 +8,9 @@ from types import TracebackType
 
 from aiohttp import web
 
-from novita_async.emulator._app import STATS, EmulatorStats, create_app, engine_name
+from novita_async.emulator._app import STATS, create_app, engine_name
 from novita_async.emulator._config import DEFAULT_API_KEY, EmulatorConfig
+from novita_async.emulator._stats import EmulatorStats
 
 __all__ = ["Emulator"]
 

@@ -1,0 +1,107 @@
+"""The emulator's answers that are not a merge: API errors and injected faults."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+from aiohttp import web
+from PIL import Image
+
+from novita_async._b64 import b64encode
+from novita_async.emulator._config import Faults
+from novita_async.emulator._merge import stored_png
+
+__all__ = ["LATE_FAULTS", "drop", "error_response", "inject", "truncated"]
+
+#: Faults applied after the merge (to its answer) rather than instead of it.
+LATE_FAULTS = frozenset({"truncate", "wrong_content_type"})
+
+#: Faults answered with the API's JSON error shape: kind -> (status, reason, message).
+_JSON_ERRORS: dict[str, tuple[int, str, str]] = {
+    "500": (500, "CREATE_TASK_FAILED", "failed to create task"),
+    "503": (503, "SERVICE_UNAVAILABLE", "surge protection: try again later"),
+    "429": (429, "RATE_LIMIT_EXCEEDED", "rate limit exceeded"),
+    "invalid_image_size": (400, "INVALID_IMAGE_SIZE", "image size is not supported"),
+    "billing_auth_failed": (403, "BILLING_AUTH_FAILED", "billing authorization failed for this key"),
+    "api_not_allowed": (403, "API_NOT_ALLOWED", "this key may not use this API"),
+}
+
+#: Faults answered by a proxy in front of the API, with its HTML page: kind -> (status, title, text).
+_HTML_ERRORS: dict[str, tuple[int, str, str]] = {
+    "502_html": (502, "502 Bad Gateway", "bad gateway"),
+    "504_html": (504, "504 Gateway Time-out", "the upstream server did not answer in time"),
+}
+
+
+def error_response(status: int, reason: str, message: str, **headers: str) -> web.Response:
+    """An answer in the API's error shape."""
+    body = {"code": status, "reason": reason, "message": message, "metadata": {}}
+    return web.json_response(body, status=status, headers=headers or None)
+
+
+def drop(request: web.Request) -> web.StreamResponse:
+    """Close the connection without an answer; return a response aiohttp discards."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    # Nothing can be sent any more; aiohttp discards this quietly.
+    return web.Response(status=500)
+
+
+async def truncated(request: web.Request, body: bytes) -> web.StreamResponse:
+    """Send half of a 200's ``body``, then close the connection."""
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    await response.write(body[: len(body) // 2])
+    return drop(request)
+
+
+def _html_page(status: int, title: str, text: str) -> web.Response:
+    html = f"<html><head><title>{title}</title></head><body>{text}</body></html>"
+    return web.Response(status=status, text=html, content_type="text/html")
+
+
+async def inject(kind: str, request: web.Request, faults: Faults) -> web.StreamResponse:
+    """Answer one attempt with fault ``kind`` (any but ``drop`` and ``LATE_FAULTS``)."""
+    if kind in _JSON_ERRORS:
+        return error_response(*_JSON_ERRORS[kind])
+    if kind in _HTML_ERRORS:
+        return _html_page(*_HTML_ERRORS[kind])
+    if kind == "429_retry_after":
+        return error_response(429, "RATE_LIMIT_EXCEEDED", "rate limit exceeded", **{"Retry-After": "1"})
+    if kind == "huge_error":
+        return error_response(500, "TASK_FAILED", "x" * (10 * 1024 * 1024))
+    if kind == "bad_json":
+        return web.Response(status=200, text="<html>not json</html>", content_type="application/json")
+    if kind == "no_image_file":
+        return web.json_response({"image_type": "png"})
+    if kind == "bad_base64":
+        return web.Response(status=200, body=b'{"image_file":"@@not base64@@","image_type":"png"}',
+                            content_type="application/json")
+    if kind == "slow":
+        await asyncio.sleep(faults.slow_seconds)
+        return error_response(500, "TASK_FAILED", "too slow")
+    if kind == "drip":
+        return await _drip(request, faults.drip_interval)
+    raise AssertionError(f"fault {kind} is handled by the caller")
+
+
+async def _drip(request: web.Request, interval: float) -> web.StreamResponse:
+    """A 200 whose (small, valid) body trickles out one byte per ``interval`` seconds."""
+    body = _drip_body()
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    response.content_length = len(body)
+    await response.prepare(request)
+    for index in range(len(body)):
+        await response.write(body[index : index + 1])
+        await asyncio.sleep(interval)
+    return response
+
+
+@functools.cache
+def _drip_body() -> bytes:
+    """A small but real success body (a 1x1 PNG) for the ``drip`` fault."""
+    png = stored_png(Image.new("RGB", (1, 1), (128, 128, 128)))
+    return b'{"image_file":"' + b64encode(png) + b'","image_type":"png"}'
