@@ -75,8 +75,6 @@ CONFIG = web.AppKey("config", EmulatorConfig)
 _STATE = web.AppKey("state", _State)
 
 
-
-
 def _check_key(request: web.Request, keys: tuple[str, ...]) -> web.Response | None:
     auth = request.headers.get("Authorization", "")
     if not auth.startswith("Bearer ") or not auth[7:].strip():
