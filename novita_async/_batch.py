@@ -33,7 +33,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from novita_async._client import send_gate
-from novita_async._errors import DuplicateJobError, JobNotAttemptedError, OutputError
+from novita_async._errors import DuplicateJobError, JobNotAttemptedError, NoFaceFoundBeforeError, OutputError
 from novita_async._gate import SendGate
 from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity, output_extension
 from novita_async._ledger import Ledger
@@ -120,8 +120,10 @@ class _Engine:
         response_image_type: str,
         total: int | None,
         prefetch: int | None,
+        resend_no_face: bool = False,
     ) -> None:
         self._client = client
+        self._resend_no_face = resend_no_face
         self._jobs = jobs
         self.output_dir = output_dir
         self._ledger_path = ledger
@@ -249,6 +251,16 @@ class _Engine:
         ledger = self._ledger
         if ledger is not None and ledger.is_done(job.id) and (output is None or output.exists()):
             return JobResult(job=job, status=JobStatus.SKIPPED, output=output)
+        if ledger is not None and not self._resend_no_face:
+            earlier = ledger.no_face_before(job)
+            if earlier is not None:
+                # The same two files would get the same answer, and the request
+                # would still spend a turn of the account's rate limit.
+                not_again = NoFaceFoundBeforeError(
+                    status=400, reason="IMAGE_NO_FACE_DETECTED",
+                    message=f"not sent again, as neither input file has changed since ({earlier}); "
+                            "resend_no_face=True (--resend-no-face) sends it anyway")
+                return JobResult(job=job, status=JobStatus.FAILED, error=not_again, output=output)
         return job, output
 
     def _claim(self, job_id: str, output: Path | None) -> DuplicateJobError | None:
@@ -344,9 +356,10 @@ class _Engine:
 
     def _record(self, result: JobResult) -> None:
         ledger = self._ledger
-        # A duplicate's line would replace the earlier job's record of the same id.
+        # A duplicate's line would replace the earlier job's record of the same id;
+        # a job not sent again for its earlier "no face" keeps that record.
         if (ledger is not None and result.status != JobStatus.SKIPPED
-                and not isinstance(result.error, DuplicateJobError)):
+                and not isinstance(result.error, (DuplicateJobError, NoFaceFoundBeforeError))):
             try:
                 ledger.append(result)
             except OSError as exc:
@@ -414,6 +427,7 @@ class BatchRun:
         response_image_type: str = "png",
         total: int | None = None,
         prefetch: int | None = None,
+        resend_no_face: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.ordered = ordered
@@ -425,7 +439,7 @@ class BatchRun:
             client, jobs, output_dir=self.output_dir,
             ledger=Path(ledger) if ledger is not None else None, ordered=ordered,
             progress=progress, summary=self.summary, response_image_type=response_image_type,
-            total=total, prefetch=prefetch,
+            total=total, prefetch=prefetch, resend_no_face=resend_no_face,
         )
         self._task: asyncio.Task[None] | None = None
         self._receive: MemoryObjectReceiveStream[JobResult] | None = None

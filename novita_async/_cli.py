@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--ledger", metavar="FILE", help="ledger file (default: OUT_DIR/ledger.jsonl)")
     batch.add_argument("--ordered", action="store_true", help="report results in input order")
     batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    batch.add_argument("--resend-no-face", action="store_true",
+                       help="send again the jobs an earlier run (same ledger) found no face in, even "
+                            "if their input files have not changed since (default: not sent again)")
     batch.add_argument("--grace", type=_SECONDS, default=60.0, metavar="S",
                        help="after Ctrl-C, seconds to let in-flight jobs finish (default: 60)")
     batch.add_argument("--shard", type=_shard_arg, metavar="K/N",
@@ -279,10 +282,12 @@ async def run_batch_command(
     progress: bool | None = None,
     grace: float = 60.0,
     total: int | None = None,
+    resend_no_face: bool = False,
 ) -> tuple[int, BatchSummary]:
     """Run a batch as the CLI does: signals, per-failure lines, summary. Returns (exit code, summary)."""
     run = client.batch(jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,
-                       progress=progress, response_image_type=response_image_type, total=total)
+                       progress=progress, response_image_type=response_image_type, total=total,
+                       resend_no_face=resend_no_face)
     loop = asyncio.get_running_loop()
     scope = anyio.CancelScope()
     interrupts = 0
@@ -395,6 +400,7 @@ async def _batch_command(args: argparse.Namespace) -> int:
             client, jobs, output_dir=output_dir, ledger=ledger, response_image_type=args.type,
             ordered=args.ordered, progress=False if args.no_progress else None, grace=args.grace,
             total=None if args.shard is not None else await anyio.to_thread.run_sync(_estimate_rows, args.manifest),
+            resend_no_face=args.resend_no_face,
         )
     return code
 

@@ -501,6 +501,7 @@ class NovitaClient:
         response_image_type: str = "png",
         summary: BatchSummary | None = None,
         total: int | None = None,
+        resend_no_face: bool = False,
     ) -> BatchRun:
         """Run many merges concurrently; iterate the result for one :class:`JobResult` per job.
 
@@ -510,7 +511,9 @@ class NovitaClient:
             output_dir: Folder for results (``<id>.<ext>`` unless a job names
                 its ``output``); None keeps results in memory.
             ledger: A JSONL file recording every finished job; re-running with
-                the same ledger skips jobs already done.
+                the same ledger skips jobs already done, and does not send again
+                a job the API found no face in while its two input files are
+                unchanged (it fails at once with :class:`NoFaceFoundBeforeError`).
             ordered: Yield results in input order (a bounded reorder window).
             progress: True, False, None (a bar when stderr is a terminal), a
                 tqdm-like object, or a callable taking each JobResult.
@@ -518,6 +521,8 @@ class NovitaClient:
             summary: A :class:`BatchSummary` to fill (also ``run.summary``).
             total: How many jobs to expect, for the progress bar's total and ETA
                 (taken from ``len(jobs)`` when it has one).
+            resend_no_face: Send the jobs an earlier run found no face in even
+                if their input files are unchanged.
 
         Returns:
             A :class:`BatchRun`: an async iterator (and async context manager).
@@ -536,4 +541,4 @@ class NovitaClient:
             )
         return BatchRun(self, jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,
                         progress=progress, summary=summary, response_image_type=response_image_type,
-                        total=total)
+                        total=total, resend_no_face=resend_no_face)

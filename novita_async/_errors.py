@@ -8,6 +8,7 @@
     ├── APIStatusError              the server answered with an error status
     │   ├── BadRequestError             400
     │   │   ├── NoFaceDetectedError         IMAGE_NO_FACE_DETECTED
+    │   │   │   └── NoFaceFoundBeforeError      ... in an earlier run of a batch: not sent again
     │   │   └── InsufficientBalanceError    BILLING_BALANCE_NOT_ENOUGH
     │   ├── AuthenticationError         401, 400 MISSING_API_KEY, 403 INVALID_API_KEY
     │   ├── PermissionDeniedError       other 403 (BILLING_AUTH_FAILED, API_NOT_ALLOWED)
@@ -48,6 +49,7 @@ __all__ = [
     "InvalidResponseError",
     "JobNotAttemptedError",
     "NoFaceDetectedError",
+    "NoFaceFoundBeforeError",
     "NotFoundError",
     "NovitaError",
     "OutputError",
@@ -146,6 +148,19 @@ class BadRequestError(APIStatusError):
 
 class NoFaceDetectedError(BadRequestError):
     """400 IMAGE_NO_FACE_DETECTED: a normal outcome in bulk work, reported per job."""
+
+
+class NoFaceFoundBeforeError(NoFaceDetectedError):
+    """A batch job the API found no face in during an earlier run, not sent again.
+
+    Its two input files are unchanged since (same size and modification
+    time), so the answer would be the same, and the request would still count
+    against the rate limit.  ``resend_no_face=True`` (``--resend-no-face``)
+    sends such jobs anyway.  The earlier ledger record stands; no line is added.
+    """
+
+    def _render(self) -> str:
+        return f"{self.reason} in an earlier run: {self.message}"
 
 
 class InsufficientBalanceError(BadRequestError):

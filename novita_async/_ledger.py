@@ -1,7 +1,9 @@
 """The batch ledger: one JSON line per finished job, appended as each ends.
 
 The ledger is what makes a batch resumable: a re-run skips every job whose
-last line says ``ok`` and whose output still exists.  Each line is written
+last line says ``ok`` and whose output still exists.  A job the API found no
+face in keeps its input files' sizes and modification times on its line, so a
+re-run can tell that sending it again would get the same answer.  Each line is written
 with one ``write`` on an append-mode file and flushed at once, so a crash can
 lose at most the line being written (a torn last line is ignored on load).
 """
@@ -15,17 +17,39 @@ import time
 from pathlib import Path
 from typing import Any
 
-from novita_async._jobs import JobResult, JobStatus
+from novita_async._jobs import JobResult, JobStatus, MergeJob
 
-__all__ = ["Ledger", "ledger_record", "load_done_ids", "read_ledger"]
+__all__ = ["Ledger", "input_fingerprint", "ledger_record", "load_done_ids", "read_ledger"]
 
 logger = logging.getLogger("novita_async")
 
 
-def ledger_record(result: JobResult) -> dict[str, Any]:
-    """The ledger line for a job result (pure)."""
+#: The API's reason for a refusal that depends only on the two images.
+NO_FACE = "IMAGE_NO_FACE_DETECTED"
+
+
+def input_fingerprint(job: MergeJob) -> list[list[int]] | None:
+    """``[[size, mtime_ns], [size, mtime_ns]]`` of a job's two input files (blocking: two stats).
+
+    None when an input is not a path (bytes, a file object, an image: nothing
+    tells whether it changed) or cannot be read.
+    """
+    fingerprint = []
+    for value in (job.face_image, job.image):
+        if not isinstance(value, (str, os.PathLike)):
+            return None
+        try:
+            info = os.stat(value)
+        except (OSError, ValueError):
+            return None
+        fingerprint.append([info.st_size, info.st_mtime_ns])
+    return fingerprint
+
+
+def ledger_record(result: JobResult, inputs: list[list[int]] | None = None) -> dict[str, Any]:
+    """The ledger line for a job result (pure); ``inputs`` is its :func:`input_fingerprint`, if kept."""
     error = result.error
-    return {
+    record = {
         "id": result.job.id,
         "status": result.status,
         "output": str(result.output) if result.output is not None else None,
@@ -38,6 +62,9 @@ def ledger_record(result: JobResult) -> dict[str, Any]:
         "elapsed": round(result.elapsed, 4),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if inputs is not None:
+        record["inputs"] = inputs
+    return record
 
 
 def read_ledger(path: Path) -> dict[str, dict[str, Any]]:
@@ -71,7 +98,14 @@ class Ledger:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._done = load_done_ids(self.path)
+        self._done: set[str] = set()
+        # Jobs whose last line is "no face", with their inputs as they were then.
+        self._no_face: dict[str, tuple[list[list[int]], str]] = {}
+        for job_id, record in read_ledger(self.path).items():
+            if record.get("status") == JobStatus.OK:
+                self._done.add(job_id)
+            elif record.get("error_reason") == NO_FACE and isinstance(record.get("inputs"), list):
+                self._no_face[job_id] = (record["inputs"], str(record.get("error_message") or ""))
         # Unbuffered binary append: each record is one write(2), never interleaved.
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._repair_torn_tail()
@@ -91,9 +125,20 @@ class Ledger:
         """Whether an earlier run finished this job successfully."""
         return job_id in self._done
 
+    def no_face_before(self, job: MergeJob) -> str | None:
+        """The earlier "no face" message for this job if neither input file changed since, else None.
+
+        Blocking but small: two stats, and only for jobs that had no face.
+        """
+        earlier = self._no_face.get(job.id or "")
+        if earlier is None or input_fingerprint(job) != earlier[0]:
+            return None
+        return earlier[1]
+
     def append(self, result: JobResult) -> None:
-        """Record a finished job (blocking but tiny: one write)."""
-        line = json.dumps(ledger_record(result), separators=(",", ":"), default=str) + "\n"
+        """Record a finished job (blocking but tiny: one write, and two stats for a "no face")."""
+        inputs = input_fingerprint(result.job) if result.error_reason == NO_FACE else None
+        line = json.dumps(ledger_record(result, inputs), separators=(",", ":"), default=str) + "\n"
         view = memoryview(line.encode())
         while view:
             # A nearly full disk takes part of a line and returns short without
@@ -103,6 +148,7 @@ class Ledger:
         self.lines_written += 1
         if result.status == JobStatus.OK and result.job.id:
             self._done.add(result.job.id)
+            self._no_face.pop(result.job.id, None)
 
     def close(self) -> None:
         """Close the file. Idempotent."""

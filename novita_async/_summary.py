@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from novita_async._errors import NoFaceFoundBeforeError
 from novita_async._jobs import JobResult, JobStatus
 
 __all__ = ["BatchSummary", "Progress"]
@@ -24,6 +25,8 @@ class BatchSummary:
     Attributes:
         ok: Jobs merged in this run.
         failed: Jobs that failed, by reason (``IMAGE_NO_FACE_DETECTED``...).
+        no_face_before: Of the failed, jobs not sent again because an earlier
+            run found no face in their unchanged input files.
         skipped: Jobs already done in an earlier run (resumed).
         not_attempted: Jobs not sent because the batch stopped early.
         retries: Attempts beyond the first, over all jobs.
@@ -34,6 +37,7 @@ class BatchSummary:
     ok: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     skipped: int = 0
+    no_face_before: int = 0
     not_attempted: int = 0
     retries: int = 0
     stop_reason: str | None = None
@@ -62,7 +66,7 @@ class BatchSummary:
     @property
     def throughput(self) -> float:
         """Jobs sent and finished (ok or failed) per second of wall time."""
-        done = self.ok + self.failed_total
+        done = self.ok + self.failed_total - self.no_face_before
         return done / self.wall_time if self.wall_time > 0 else 0.0
 
     def percentile(self, q: float) -> float | None:
@@ -85,6 +89,9 @@ class BatchSummary:
             return
         else:
             self.failed[result.error_reason or "unknown"] += 1
+            if isinstance(result.error, NoFaceFoundBeforeError):
+                self.no_face_before += 1
+                return  # not sent: no time or attempts to count
         self.retries += max(0, result.attempts - 1)
         self._sample(result.elapsed)
 
@@ -106,6 +113,8 @@ class BatchSummary:
         else:
             parts.append("failed 0")
         parts.append(f"skipped {self.skipped} (resumed)")
+        if self.no_face_before:
+            parts.append(f"not sent again {self.no_face_before} (no face in an earlier run)")
         if self.not_attempted:
             parts.append(f"not attempted {self.not_attempted}")
         parts.append(f"retries {self.retries}")
@@ -125,6 +134,7 @@ class BatchSummary:
         """A JSON-ready snapshot."""
         return {
             "ok": self.ok, "failed": dict(self.failed), "skipped": self.skipped,
+            "no_face_before": self.no_face_before,
             "not_attempted": self.not_attempted, "retries": self.retries,
             "wall_time": round(self.wall_time, 3), "throughput": round(self.throughput, 3),
             "p50": self.percentile(50), "p95": self.percentile(95),

@@ -1,0 +1,136 @@
+"""Re-runs do not send again the jobs the API found no face in, while their files are unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import novita_async as na
+from novita_async._cli import main
+from novita_async.emulator import Emulator, EmulatorConfig
+
+from .batch_support import ThreadedEmulator, ledger_lines, write_inputs
+from .conftest import FAST_RETRY, flat_image
+
+
+@pytest.fixture
+def emu() -> Iterator[ThreadedEmulator]:
+    """An emulator serving from its own thread (main() runs its own event loop)."""
+    with ThreadedEmulator(EmulatorConfig(engine="composite")) as server:
+        yield server
+
+
+def _client(emulator: Emulator) -> na.NovitaClient:
+    return na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY)
+
+
+def _jobs(tmp_path: Path) -> list[na.MergeJob]:
+    """Two jobs: ``a`` has faces, ``b``'s face image is flat (no face to the emulator)."""
+    (face_a, image_a), (face_b, image_b) = write_inputs(tmp_path / "in", 2)
+    face_b.write_bytes(flat_image())
+    return [na.MergeJob(face_a, image_a, id="a"), na.MergeJob(face_b, image_b, id="b")]
+
+
+def _copy(source: object, target: object) -> None:
+    """Overwrite the file ``target`` with the bytes of ``source``."""
+    Path(str(target)).write_bytes(Path(str(source)).read_bytes())
+
+
+async def _run(emulator: Emulator, jobs: list[na.MergeJob], tmp_path: Path,
+               *, resend_no_face: bool = False) -> tuple[dict[str, na.JobResult], na.BatchSummary]:
+    async with _client(emulator) as client:
+        run = client.batch(jobs, output_dir=tmp_path / "out", ledger=tmp_path / "out" / "ledger.jsonl",
+                           resend_no_face=resend_no_face)
+        async with run:
+            results = {result.job.id or "": result async for result in run}
+    return results, run.summary
+
+
+@pytest.mark.anyio
+async def test_a_job_with_no_face_is_not_sent_again_while_its_files_are_unchanged(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """The re-run fails it at once with NoFaceFoundBeforeError (a NoFaceDetectedError), sends
+    nothing, and leaves the ledger's record (with the inputs' sizes and times) as it was."""
+    jobs = _jobs(tmp_path)
+    first, _ = await _run(emulator, jobs, tmp_path)
+    assert first["b"].error_reason == "IMAGE_NO_FACE_DETECTED"
+    ledger = tmp_path / "out" / "ledger.jsonl"
+    recorded = ledger_lines(ledger)
+    [no_face] = [line for line in recorded if line["id"] == "b"]
+    stats = [os.stat(str(path)) for path in (jobs[1].face_image, jobs[1].image)]
+    assert no_face["inputs"] == [[info.st_size, info.st_mtime_ns] for info in stats]
+    sent = emulator.stats.requests
+
+    again, summary = await _run(emulator, jobs, tmp_path)
+    assert emulator.stats.requests == sent
+    assert again["a"].status == "skipped"
+    error = again["b"].error
+    assert again["b"].status == "failed" and isinstance(error, na.NoFaceFoundBeforeError)
+    assert again["b"].error_reason == "IMAGE_NO_FACE_DETECTED"
+    assert "in an earlier run" in str(error) and "--resend-no-face" in str(error)
+    assert summary.failed == {"IMAGE_NO_FACE_DETECTED": 1} and summary.no_face_before == 1
+    assert "not sent again 1 (no face in an earlier run)" in summary.line()
+    assert ledger_lines(ledger) == recorded
+
+
+@pytest.mark.anyio
+async def test_a_changed_input_file_is_sent_again(emulator: Emulator, tmp_path: Path) -> None:
+    """Replacing the faceless image (a new size or time) sends the job again, and now it merges."""
+    jobs = _jobs(tmp_path)
+    await _run(emulator, jobs, tmp_path)
+    sent = emulator.stats.requests
+    _copy(jobs[0].face_image, jobs[1].face_image)
+    again, summary = await _run(emulator, jobs, tmp_path)
+    assert emulator.stats.requests == sent + 1
+    assert again["b"].status == "ok" and summary.no_face_before == 0
+
+
+@pytest.mark.anyio
+async def test_resend_no_face_sends_it_anyway(emulator: Emulator, tmp_path: Path) -> None:
+    """resend_no_face=True sends the job again; its new answer is recorded."""
+    jobs = _jobs(tmp_path)
+    await _run(emulator, jobs, tmp_path)
+    sent = emulator.stats.requests
+    again, summary = await _run(emulator, jobs, tmp_path, resend_no_face=True)
+    assert emulator.stats.requests == sent + 1
+    assert type(again["b"].error) is na.NoFaceDetectedError and summary.no_face_before == 0
+    assert sorted(line["id"] for line in ledger_lines(tmp_path / "out" / "ledger.jsonl")) == ["a", "b", "b"]
+
+
+@pytest.mark.anyio
+async def test_inputs_that_are_not_files_are_sent_again(emulator: Emulator, tmp_path: Path) -> None:
+    """Bytes carry no size and time to compare: such a job is sent on every run, as before."""
+    _face, image = write_inputs(tmp_path / "in", 1)[0]
+    jobs = [na.MergeJob(flat_image(), image.read_bytes(), id="b")]
+    await _run(emulator, jobs, tmp_path)
+    assert "inputs" not in ledger_lines(tmp_path / "out" / "ledger.jsonl")[0]
+    again, _ = await _run(emulator, jobs, tmp_path)
+    assert emulator.stats.requests == 2
+    assert type(again["b"].error) is na.NoFaceDetectedError
+
+
+@pytest.mark.parametrize(("flag", "sent"), [pytest.param([], 0, id="default"),
+                                            pytest.param(["--resend-no-face"], 1, id="resend-no-face")])
+def test_cli_rerun_says_what_it_did_not_send(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str], sent: int
+) -> None:
+    """`batch` re-run: the no-face job is a failure (exit 1) either way; it is sent only with the flag."""
+    jobs = _jobs(tmp_path)
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text("".join(json.dumps({"face_image": str(j.face_image), "image": str(j.image),
+                                            "id": j.id}) + "\n" for j in jobs))
+    argv = ["batch", str(manifest), "-o", str(tmp_path / "out"), "--no-progress",
+            "--base-url", emu.url, "--api-key", emu.api_key]
+    assert main(argv) == 1
+    capsys.readouterr()
+    before = emu.stats.requests
+    assert main([*argv, *flag]) == 1
+    err = capsys.readouterr().err
+    assert emu.stats.requests == before + sent
+    assert "failed b: IMAGE_NO_FACE_DETECTED" in err
+    assert ("not sent again 1 (no face in an earlier run)" in err) is (sent == 0)
