@@ -31,7 +31,10 @@ API_KEY_ENV = "NOVITA_API_KEY"
 BASE_URL_ENV = "NOVITA_BASE_URL"
 MERGE_FACE_PATH = "/v3/merge-face"
 
-#: The API's limits for each input image (the file, before base64).
+#: The API's limits for each input image (the file, before base64).  "30 MB"
+#: is read as 30 MiB, the larger of its two readings: a file between the two
+#: is sent, and the API's own answer decides, rather than refused here when
+#: the service may well take it.
 MAX_IMAGE_BYTES = 30 * 1024 * 1024
 MAX_IMAGE_SIDE = 2048
 

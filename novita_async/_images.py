@@ -247,8 +247,8 @@ def _check_file_size(where: _Input, size: int) -> None:
     if size > MAX_IMAGE_BYTES:
         raise where.error(
             "max_size",
-            f"{size} bytes ({size / 2**20:.1f} MB) exceeds the API's limit of "
-            f"{MAX_IMAGE_BYTES} bytes ({MAX_IMAGE_BYTES // 2**20} MB)",
+            f"{size} bytes ({size / 2**20:.1f} MiB) exceeds the API's limit of "
+            f"{MAX_IMAGE_BYTES} bytes ({MAX_IMAGE_BYTES // 2**20} MiB)",
             "Save it smaller (e.g. as JPEG or at a lower resolution), "
             "or pass auto_resize=True to re-encode it automatically.",
         )

@@ -391,7 +391,10 @@ def merge_faces(
             ``merged_image`` instead.
         output_column: Name of that column instead of the default.
         id_column: A column of unique row ids, used for output names; default:
-            a hash of the row's paths, or of its bytes.
+            a hash of the row's paths, or of its bytes.  A repeated id is
+            caught within one block (its row fails with ``DuplicateJobError``),
+            not across blocks, which run on separate actors: there the later
+            result replaces the file, so give each row its own id.
         api_key: Defaults to ``$NOVITA_API_KEY`` read here, on the driver. It
             travels to the actors in their constructor arguments.
         base_url: Defaults to ``$NOVITA_BASE_URL``, else the public endpoint.
