@@ -15,11 +15,23 @@ from PIL import Image
 import novita_async as na
 from novita_async.emulator import Emulator, EmulatorConfig, EmulatorStats
 
-from .conftest import make_image
+from .conftest import FAST_RETRY, make_image
 
 #: Retries that never sleep, with attempts enough that injected faults (a few
 #: percent each) cannot exhaust a job: 0.3 ** 12 is about 5e-7.
 PATIENT_RETRY = na.RetryPolicy(max_attempts=12, initial_wait=0.0, max_wait=0.0, max_retry_after=0.05)
+
+
+def client_for(emulator: Emulator, **kwargs: object) -> na.NovitaClient:
+    """A client for ``emulator``, with retries that do not sleep; ``kwargs`` override the defaults."""
+    kwargs.setdefault("retry", FAST_RETRY)
+    return na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, **kwargs)  # type: ignore[arg-type]  # test kwargs
+
+
+async def collect(run: na.BatchRun) -> list[na.JobResult]:
+    """Every result of a run, closing it afterwards."""
+    async with run:
+        return [result async for result in run]
 
 
 def job_images(index: int) -> tuple[bytes, bytes]:

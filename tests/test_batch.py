@@ -24,6 +24,8 @@ from .batch_support import (
     PATIENT_RETRY,
     assert_valid_image,
     batch_tasks,
+    client_for,
+    collect,
     job_images,
     ledger_lines,
     memory_jobs,
@@ -39,18 +41,6 @@ EmulatorFactory = Callable[..., Emulator]
 
 #: Every transient fault the issue names, at a few percent each.
 FAULT_RATES = {"500": 0.04, "502_html": 0.04, "503": 0.04, "drop": 0.04, "truncate": 0.04, "429": 0.03}
-
-
-def client_for(emulator: Emulator, **kwargs: object) -> na.NovitaClient:
-    """A client for ``emulator``; ``kwargs`` override the defaults."""
-    kwargs.setdefault("retry", FAST_RETRY)
-    return na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, **kwargs)  # type: ignore[arg-type]  # test kwargs
-
-
-async def collect(run: na.BatchRun) -> list[na.JobResult]:
-    """Every result of a run, closing it afterwards."""
-    async with run:
-        return [result async for result in run]
 
 
 # -- faults and concurrency -------------------------------------------------------------

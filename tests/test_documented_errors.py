@@ -11,7 +11,7 @@ import novita_async as na
 from novita_async._jobs import is_fatal
 from novita_async.emulator import Emulator, Faults, job_key
 
-from .batch_support import PATIENT_RETRY, memory_jobs
+from .batch_support import PATIENT_RETRY, client_for, collect, memory_jobs
 from .conftest import FAST_RETRY, make_image
 
 pytestmark = pytest.mark.anyio
@@ -26,18 +26,6 @@ FORBIDDEN = [
     pytest.param("billing_auth_failed", "BILLING_AUTH_FAILED", id="billing-auth-failed"),
     pytest.param("api_not_allowed", "API_NOT_ALLOWED", id="api-not-allowed"),
 ]
-
-
-def client_for(emu: Emulator, **kwargs: object) -> na.NovitaClient:
-    """A real client for the emulator, with retries that do not sleep."""
-    kwargs.setdefault("retry", FAST_RETRY)
-    return na.NovitaClient(api_key=emu.api_key, base_url=emu.url, **kwargs)  # type: ignore[arg-type]  # test kwargs
-
-
-async def collect(run: na.BatchRun) -> list[na.JobResult]:
-    """Every result of a run, closing it afterwards."""
-    async with run:
-        return [result async for result in run]
 
 
 # -- one call ---------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import novita_async as na
 from novita_async._cli import main
 from novita_async.emulator import Emulator, EmulatorConfig
 
-from .batch_support import ThreadedEmulator, ledger_lines, write_inputs
-from .conftest import FAST_RETRY, flat_image
+from .batch_support import ThreadedEmulator, client_for, ledger_lines, write_inputs
+from .conftest import flat_image
 
 
 @pytest.fixture
@@ -22,10 +22,6 @@ def emu() -> Iterator[ThreadedEmulator]:
     """An emulator serving from its own thread (main() runs its own event loop)."""
     with ThreadedEmulator(EmulatorConfig(engine="composite")) as server:
         yield server
-
-
-def _client(emulator: Emulator) -> na.NovitaClient:
-    return na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY)
 
 
 def _jobs(tmp_path: Path) -> list[na.MergeJob]:
@@ -42,7 +38,7 @@ def _copy(source: object, target: object) -> None:
 
 async def _run(emulator: Emulator, jobs: list[na.MergeJob], tmp_path: Path,
                *, resend_no_face: bool = False) -> tuple[dict[str, na.JobResult], na.BatchSummary]:
-    async with _client(emulator) as client:
+    async with client_for(emulator) as client:
         run = client.batch(jobs, output_dir=tmp_path / "out", ledger=tmp_path / "out" / "ledger.jsonl",
                            resend_no_face=resend_no_face)
         async with run:
