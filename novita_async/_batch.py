@@ -34,9 +34,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from novita_async._client import send_gate
 from novita_async._errors import DuplicateJobError, JobNotAttemptedError, NoFaceFoundBeforeError, OutputError
+from novita_async._fileio import folder_of
 from novita_async._gate import SendGate
 from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity, output_extension
-from novita_async._ledger import Ledger
+from novita_async._ledger import Ledger, input_fingerprint
 from novita_async._manifest import BadRow
 from novita_async._output import sweep_stale_temp_files
 from novita_async._summary import BatchSummary, Progress
@@ -124,6 +125,8 @@ class _Engine:
     ) -> None:
         self._client = client
         self._resend_no_face = resend_no_face
+        # Input fingerprints of the jobs in flight, for their ledger lines.
+        self._sent_inputs: dict[str, list[list[int]] | None] = {}
         self._jobs = jobs
         self.output_dir = output_dir
         self._ledger_path = ledger
@@ -238,6 +241,10 @@ class _Engine:
         """Give the job its id and output; a bad row or a done job resolves at once."""
         if isinstance(item, BadRow):
             job = MergeJob(face_image="", image="", id=item.id)
+            if self._ledger is not None and self._ledger.is_done(item.id):
+                # Done in an earlier run, its row unreadable now (an input moved
+                # away): its record stands rather than a failure written over it.
+                return JobResult(job=job, status=JobStatus.SKIPPED)
             return JobResult(job=job, status=JobStatus.FAILED, error=item.error)
         if not isinstance(item, MergeJob):
             error = TypeError(f"batch jobs must be MergeJob objects, got {type(item).__name__}")
@@ -248,10 +255,17 @@ class _Engine:
         duplicate = self._claim(job.id, output)
         if duplicate is not None:
             return JobResult(job=job, status=JobStatus.FAILED, error=duplicate)
+        settled = self._settled_before(job, output)
+        return settled if settled is not None else (job, output)
+
+    def _settled_before(self, job: MergeJob, output: Path | None) -> JobResult | None:
+        """The result of a job an earlier run settled (done, or no face in unchanged files), else None."""
         ledger = self._ledger
-        if ledger is not None and ledger.is_done(job.id) and (output is None or output.exists()):
+        if ledger is None or job.id is None:
+            return None
+        if ledger.is_done(job.id) and (output is None or output.exists()):
             return JobResult(job=job, status=JobStatus.SKIPPED, output=output)
-        if ledger is not None and not self._resend_no_face:
+        if not self._resend_no_face:
             earlier = ledger.no_face_before(job)
             if earlier is not None:
                 # The same two files would get the same answer, and the request
@@ -261,7 +275,7 @@ class _Engine:
                     message=f"not sent again, as neither input file has changed since ({earlier}); "
                             "resend_no_face=True (--resend-no-face) sends it anyway")
                 return JobResult(job=job, status=JobStatus.FAILED, error=not_again, output=output)
-        return job, output
+        return None
 
     def _claim(self, job_id: str, output: Path | None) -> DuplicateJobError | None:
         """Take the job's id and output for this run, or say which an earlier job has."""
@@ -292,10 +306,17 @@ class _Engine:
         return self.output_dir / f"{_safe_name(job.id)}.{ext}"
 
     def _not_attempted(self, item: Any, index: int) -> JobResult:
+        """The record of a job the stopped batch will not send; a job an earlier run
+        settled keeps that outcome (a "not attempted" line would write over it)."""
         if isinstance(item, MergeJob):
             job = item.with_id(job_identity(item, index))
+            settled = self._settled_before(job, self._output_for(job))
+            if settled is not None:
+                return settled
         else:
             job = MergeJob("", "", id=getattr(item, "id", None) or f"job-{index}")
+            if self._ledger is not None and job.id is not None and self._ledger.is_done(job.id):
+                return JobResult(job=job, status=JobStatus.SKIPPED)
         error = JobNotAttemptedError(f"not attempted: the batch stopped early ({self.summary.stop_reason})",
                                      cause=self._fatal)
         return JobResult(job=job, status=JobStatus.NOT_ATTEMPTED, error=error)
@@ -319,10 +340,23 @@ class _Engine:
     async def _run_job(self, send: MemoryObjectSendStream[JobResult], index: int, job: MergeJob,
                        output: Path | None) -> None:
         try:
+            if self._ledger is not None:
+                # Taken before the upload: a file fixed while its request is in
+                # flight must not be recorded as the one that had no face.
+                self._sent_inputs[job.id or ""] = await self._input_fingerprint(job)
             record = await self._attempt_job(job, output)
             await self._emit(send, index, record)
         finally:
+            self._sent_inputs.pop(job.id or "", None)
             self._slots.release()
+
+    async def _input_fingerprint(self, job: MergeJob) -> list[list[int]] | None:
+        """The job's input files' sizes and times, read where the client does its file calls."""
+        paths = [value for value in (job.face_image, job.image) if isinstance(value, (str, os.PathLike))]
+        if len(paths) != 2:
+            return None
+        folders = tuple(folder_of(Path(path)) for path in paths)
+        return await self._client._files.run(folders, lambda: input_fingerprint(job))
 
     async def _attempt_job(self, job: MergeJob, output: Path | None) -> JobResult | None:
         """Run one job to its end state; None when a graceful stop left it for a re-run."""
@@ -361,7 +395,7 @@ class _Engine:
         if (ledger is not None and result.status != JobStatus.SKIPPED
                 and not isinstance(result.error, (DuplicateJobError, NoFaceFoundBeforeError))):
             try:
-                ledger.append(result)
+                ledger.append(result, self._sent_inputs.get(result.job.id or ""))
             except OSError as exc:
                 # Without its ledger a batch cannot resume: stop taking jobs.
                 self._ledger = None

@@ -135,10 +135,14 @@ class Ledger:
             return None
         return earlier[1]
 
-    def append(self, result: JobResult) -> None:
-        """Record a finished job (blocking but tiny: one write, and two stats for a "no face")."""
-        inputs = input_fingerprint(result.job) if result.error_reason == NO_FACE else None
-        line = json.dumps(ledger_record(result, inputs), separators=(",", ":"), default=str) + "\n"
+    def append(self, result: JobResult, inputs: list[list[int]] | None = None) -> None:
+        """Record a finished job (blocking but tiny: one write).
+
+        ``inputs`` is the job's :func:`input_fingerprint` from before it was
+        sent; it is kept on a "no face" line, for :meth:`no_face_before`.
+        """
+        kept = inputs if result.error_reason == NO_FACE else None
+        line = json.dumps(ledger_record(result, kept), separators=(",", ":"), default=str) + "\n"
         view = memoryview(line.encode())
         while view:
             # A nearly full disk takes part of a line and returns short without

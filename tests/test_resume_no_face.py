@@ -1,20 +1,24 @@
-"""Re-runs do not send again the jobs the API found no face in, while their files are unchanged."""
+"""Re-runs: jobs the API found no face in are not sent again while their files are unchanged, and
+an earlier run's settled records (done, no face) are never written over by a later run's lines."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 import novita_async as na
 from novita_async._cli import main
+from novita_async._manifest import BadRow
 from novita_async.emulator import Emulator, EmulatorConfig
 
-from .batch_support import ThreadedEmulator, client_for, ledger_lines, write_inputs
-from .conftest import flat_image
+from .batch_support import ThreadedEmulator, client_for, ledger_lines, write_csv, write_inputs
+from .conftest import flat_image, make_image
 
 
 @pytest.fixture
@@ -32,15 +36,16 @@ def _jobs(tmp_path: Path) -> list[na.MergeJob]:
 
 
 def _copy(source: object, target: object) -> None:
-    """Overwrite the file ``target`` with the bytes of ``source``."""
-    Path(str(target)).write_bytes(Path(str(source)).read_bytes())
+    """Overwrite the file ``target`` with ``source`` (bytes, or the bytes of a file)."""
+    data = source if isinstance(source, bytes) else Path(str(source)).read_bytes()
+    Path(str(target)).write_bytes(data)
 
 
-async def _run(emulator: Emulator, jobs: list[na.MergeJob], tmp_path: Path,
-               *, resend_no_face: bool = False) -> tuple[dict[str, na.JobResult], na.BatchSummary]:
-    async with client_for(emulator) as client:
-        run = client.batch(jobs, output_dir=tmp_path / "out", ledger=tmp_path / "out" / "ledger.jsonl",
-                           resend_no_face=resend_no_face)
+async def _run(emulator: Emulator, jobs: Iterable[na.MergeJob | BadRow], tmp_path: Path,
+               *, resend_no_face: bool = False, **client: Any) -> tuple[dict[str, na.JobResult], na.BatchSummary]:
+    async with client_for(emulator, **client) as batch_client:
+        run = batch_client.batch(jobs, output_dir=tmp_path / "out", ledger=tmp_path / "out" / "ledger.jsonl",
+                                 resend_no_face=resend_no_face)
         async with run:
             results = {result.job.id or "": result async for result in run}
     return results, run.summary
@@ -108,6 +113,75 @@ async def test_inputs_that_are_not_files_are_sent_again(emulator: Emulator, tmp_
     again, _ = await _run(emulator, jobs, tmp_path)
     assert emulator.stats.requests == 2
     assert type(again["b"].error) is na.NoFaceDetectedError
+
+
+@pytest.mark.anyio
+async def test_a_batch_stopped_early_keeps_the_records_of_jobs_settled_before(
+    emulator: Emulator, emulator_factory: Callable[..., Emulator], tmp_path: Path
+) -> None:
+    """A fatal error (balance exhausted) on a new job drains the rest as not attempted, but a job
+    done before stays skipped and a no-face job stays not sent: no "not_attempted" line goes
+    over their records, so the next run still sends neither."""
+    jobs = _jobs(tmp_path)
+    await _run(emulator, jobs, tmp_path)
+    ledger = tmp_path / "out" / "ledger.jsonl"
+    recorded = ledger_lines(ledger)
+    # New jobs first, enough that a and b are still unread when the batch stops.
+    new = [na.MergeJob(f, i, id=f"new{n}") for n, (f, i) in enumerate(write_inputs(tmp_path / "new", 6, start=7))]
+    async with emulator_factory(engine="composite", balance=0) as broke:
+        stopped, summary = await _run(broke, [*new, *jobs], tmp_path, max_concurrency=1)
+    assert summary.stop_reason is not None and stopped["new0"].error_reason == "BILLING_BALANCE_NOT_ENOUGH"
+    assert summary.not_attempted >= 3
+    assert stopped["a"].status == "skipped"
+    assert isinstance(stopped["b"].error, na.NoFaceFoundBeforeError)
+    after = ledger_lines(ledger)
+    assert after[: len(recorded)] == recorded
+    assert {line["id"] for line in after[len(recorded):]} == {job.id for job in new}
+    sent = emulator.stats.requests
+    await _run(emulator, jobs, tmp_path)
+    assert emulator.stats.requests == sent
+
+
+@pytest.mark.anyio
+async def test_a_done_job_whose_row_turned_bad_keeps_its_record(emulator: Emulator, tmp_path: Path) -> None:
+    """A row done in an earlier run whose input has since moved away is skipped, not written over
+    with a failure: once the file is back, nothing is merged again."""
+    pairs = write_inputs(tmp_path / "in", 2)
+    manifest = write_csv(tmp_path / "in" / "m.csv", ("face_image", "image"), [(f.name, i.name) for f, i in pairs])
+    first, _ = await _run(emulator, na.read_manifest(manifest), tmp_path)
+    assert {r.status for r in first.values()} == {"ok"}
+    recorded = ledger_lines(tmp_path / "out" / "ledger.jsonl")
+    moved = tmp_path / "moved.png"
+    pairs[0][0].replace(moved)
+    again, _ = await _run(emulator, na.read_manifest(manifest), tmp_path)
+    assert sorted(r.status for r in again.values()) == ["skipped", "skipped"]
+    assert ledger_lines(tmp_path / "out" / "ledger.jsonl") == recorded
+    moved.replace(pairs[0][0])
+    sent = emulator.stats.requests
+    await _run(emulator, na.read_manifest(manifest), tmp_path)
+    assert emulator.stats.requests == sent
+
+
+@pytest.mark.anyio
+async def test_the_files_are_fingerprinted_as_they_were_sent(
+    emulator_factory: Callable[..., Emulator], tmp_path: Path
+) -> None:
+    """A faceless file fixed while its request is in flight is recorded as it was sent, so the
+    next run sees the change and sends the job (which now merges)."""
+    jobs = _jobs(tmp_path)[1:]
+    sent_size = os.stat(str(jobs[0].face_image)).st_size
+    async with emulator_factory(engine="composite", latency=0.5) as emu:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_run, emu, jobs, tmp_path)
+            for _ in range(500):  # until the request is at the server
+                if emu.stats.in_flight:
+                    break
+                await anyio.sleep(0.01)
+            _copy(make_image((64, 64), color=(200, 120, 80), seed=3), jobs[0].face_image)
+        [line] = ledger_lines(tmp_path / "out" / "ledger.jsonl")
+        assert line["error_reason"] == "IMAGE_NO_FACE_DETECTED" and line["inputs"][0][0] == sent_size
+        again, _ = await _run(emu, jobs, tmp_path)
+        assert again["b"].status == "ok" and emu.stats.requests == 2
 
 
 @pytest.mark.parametrize(("flag", "sent"), [pytest.param([], 0, id="default"),
