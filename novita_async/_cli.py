@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="send again the jobs an earlier run (same ledger) found no face in, even "
                             "if their input files have not changed since (default: not sent again)")
     batch.add_argument("--grace", type=_SECONDS, default=60.0, metavar="S",
-                       help="after Ctrl-C, seconds to let in-flight jobs finish (default: 60)")
+                       help="after Ctrl-C or SIGTERM, seconds to let in-flight jobs finish (default: 60)")
     batch.add_argument("--shard", type=_shard_arg, metavar="K/N",
                        help="do only shard K (0..N-1) of N: N workers given the same jobs and "
                             "K=0..N-1 do every job once; --rpm is then the account's total, each "
@@ -240,7 +240,7 @@ async def _merge_command(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         if not terminated:
             raise
-        _say("terminated: nothing written")
+        _say("terminated: no result written")
         return _signal_exit(signal.SIGTERM)
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -301,7 +301,8 @@ async def run_batch_command(
         if interrupts == 1:
             first_signal = signum  # the exit code says which signal stopped the run
             run.stop()
-            _say(f"interrupted: finishing jobs in flight (up to {grace:g} s); press Ctrl-C again to stop now")
+            again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGTERM again"
+            _say(f"interrupted: finishing jobs in flight (up to {grace:g} s); {again} to stop now")
             timers.append(loop.call_later(grace, scope.cancel))
         else:
             scope.cancel()
@@ -445,6 +446,11 @@ def _status_command(args: argparse.Namespace) -> int:
         status = run_status(args.ledgers, manifest=args.manifest, jobs=jobs)
     except (ManifestError, OSError) as exc:
         raise UsageError(str(exc)) from None
+    for path, counts in status.ledgers:
+        if counts is not None and counts.recorded == 0 and path.stat().st_size > 0:
+            # Lines, but not one job record: the manifest given in the ledger's place, say.
+            raise UsageError(f"{path} holds no ledger records: give the ledger a batch wrote "
+                             "(OUT_DIR/ledger.jsonl by default), and a manifest with --manifest")
     if jobs is None and args.manifest is None and all(counts is None for _, counts in status.ledgers):
         # A missing file is a shard not started yet; with none at all and no
         # job list to count against, the table would say nothing but "0", and

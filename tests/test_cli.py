@@ -554,6 +554,15 @@ def test_status_of_no_ledger_at_all_is_an_error(
     assert f"no ledger found at {tmp_path / where}" in err and "Traceback" not in err
 
 
+def test_status_of_a_file_that_is_not_a_ledger_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`status MANIFEST` (the manifest given in the ledger's place): one line saying so, exit 2,
+    not a table of zeros."""
+    manifest = csv_manifest(tmp_path / "data", 2)
+    code, out, err = run_cli(capsys, "status", manifest)
+    assert code == 2 and out == ""
+    assert f"{manifest} holds no ledger records" in err
+
+
 def test_status_counts_a_shard_not_started_among_others(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -129,6 +129,7 @@ def test_a_signal_finishes_in_flight_jobs_and_exits_128_plus_its_number(
         seen = stats(url)
     assert process.returncode == code, err
     assert "interrupted: finishing jobs in flight" in err
+    assert ("press Ctrl-C again" if signum == signal.SIGINT else "send SIGTERM again") in err
     assert "Traceback" not in err
     lines = ledger_lines(ledger)  # every line is complete JSON
     ids = [line["id"] for line in lines]
@@ -158,7 +159,7 @@ def test_sigterm_during_merge_exits_143_writing_nothing(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=30)
     assert process.returncode == 143, err
-    assert err == "terminated: nothing written\n"
+    assert err == "terminated: no result written\n"
     assert list(out.iterdir()) == []
 
 
