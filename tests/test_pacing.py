@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import anyio
 import anyio.lowlevel
@@ -177,15 +179,13 @@ async def test_wait_turn_sleeps_the_booked_delay() -> None:
     assert time.monotonic() - started >= 0.14
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("order", [pytest.param("first", id="earliest-first"),
-                                   pytest.param("last", id="latest-first")])
-async def test_waiters_cancelled_before_their_turn_give_their_slots_back(order: str) -> None:
-    """Ten calls queued at 60/min and then cancelled (a batch broken off, a client closed) leave
-    no phantom slots: the next call goes at once, not ten seconds later."""
+@contextlib.asynccontextmanager
+async def _queued(count: int) -> AsyncIterator[tuple[Pacer, list[anyio.CancelScope]]]:
+    """A 60/min pacer whose slot now is taken, with ``count`` tasks waiting their turns after it
+    (at +1, +2... s), each under a scope the test may cancel; the rest are cancelled at the end."""
     pacer = Pacer(60, clock=FakeClock())  # the clock stands still; the waits are real sleeps
-    await pacer.wait_turn()  # the slot now; the next one is a second away
-    scopes = [anyio.CancelScope() for _ in range(10)]
+    await pacer.wait_turn()
+    scopes = [anyio.CancelScope() for _ in range(count)]
 
     async def wait(scope: anyio.CancelScope) -> None:
         with scope:
@@ -195,30 +195,29 @@ async def test_waiters_cancelled_before_their_turn_give_their_slots_back(order: 
         for scope in scopes:
             group.start_soon(wait, scope)
         await anyio.sleep(0.05)  # every waiter has booked its slot and sleeps
+        yield pacer, scopes
+        group.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("order", [pytest.param("first", id="earliest-first"),
+                                   pytest.param("last", id="latest-first")])
+async def test_waiters_cancelled_before_their_turn_give_their_slots_back(order: str) -> None:
+    """Ten calls queued at 60/min and then cancelled (a batch broken off, a client closed) leave
+    no phantom slots: the next call goes at once, not ten seconds later."""
+    async with _queued(10) as (pacer, scopes):
         for scope in scopes if order == "first" else reversed(scopes):
             scope.cancel()
             await anyio.lowlevel.checkpoint()
-    assert pacer.reserve(1000.0) == 1.0
+        assert pacer.reserve(1000.0) == 1.0
 
 
 @pytest.mark.anyio
 async def test_a_slot_given_back_in_the_middle_is_taken_by_the_next_caller() -> None:
     """Cancelling one waiter among others frees its slot for the next caller, so the pace
     stays even: no gap where it was, no caller pushed past the end of the queue."""
-    pacer = Pacer(60, clock=FakeClock())  # the clock stands still; the waits are real sleeps
-    await pacer.wait_turn()
-    scopes = [anyio.CancelScope() for _ in range(3)]
-
-    async def wait(scope: anyio.CancelScope) -> None:
-        with scope:
-            await pacer.wait_turn()
-
-    async with anyio.create_task_group() as group:
-        for scope in scopes:
-            group.start_soon(wait, scope)
-        await anyio.sleep(0.05)  # slots at +1, +2 and +3 s
+    async with _queued(3) as (pacer, scopes):
         scopes[0].cancel()
         await anyio.lowlevel.checkpoint()
         assert pacer.reserve(1000.0) == 1.0  # the freed +1 s slot
         assert pacer.reserve(1000.0) == 4.0  # after the queue
-        group.cancel_scope.cancel()
