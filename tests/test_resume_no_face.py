@@ -130,7 +130,9 @@ async def test_a_batch_stopped_early_keeps_the_records_of_jobs_settled_before(
     new = [na.MergeJob(f, i, id=f"new{n}") for n, (f, i) in enumerate(write_inputs(tmp_path / "new", 6, start=7))]
     async with emulator_factory(engine="composite", balance=0) as broke:
         stopped, summary = await _run(broke, [*new, *jobs], tmp_path, max_concurrency=1)
-    assert summary.stop_reason is not None and stopped["new0"].error_reason == "BILLING_BALANCE_NOT_ENOUGH"
+    assert summary.stop_reason is not None
+    # Whichever new job reached the server first met the empty balance (which one may vary).
+    assert [stopped[job.id or ""].error_reason for job in new].count("BILLING_BALANCE_NOT_ENOUGH") == 1
     assert summary.not_attempted >= 3
     assert stopped["a"].status == "skipped"
     assert isinstance(stopped["b"].error, na.NoFaceFoundBeforeError)
