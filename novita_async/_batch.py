@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sized
+from collections.abc import AsyncIterable, Iterable, Sized
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -34,12 +34,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from novita_async._client import send_gate
 from novita_async._errors import DuplicateJobError, JobNotAttemptedError, NoFaceFoundBeforeError, OutputError
-from novita_async._fileio import folder_of
 from novita_async._gate import SendGate
 from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity, output_extension
-from novita_async._ledger import Ledger, input_fingerprint
+from novita_async._jobstream import END, JobStream
+from novita_async._ledger import Ledger
 from novita_async._manifest import BadRow
 from novita_async._output import sweep_stale_temp_files
+from novita_async._resume import fingerprint_before_upload, settled_before
 from novita_async._summary import BatchSummary, Progress
 
 if TYPE_CHECKING:
@@ -49,56 +50,8 @@ __all__ = ["BatchRun"]
 
 logger = logging.getLogger("novita_async")
 
-#: Longest wait for a job stream to close itself after the batch ends, seconds.
-_SOURCE_CLOSE_TIMEOUT = 5.0
-
-
 class _Interrupted(Exception):
     """Raised at a job's send gate after a graceful stop: the job is left for a re-run."""
-
-
-class _End:
-    """The job stream is exhausted."""
-
-
-_END = _End()
-
-
-class _Source:
-    """Pulls jobs one at a time from an iterable or an async iterable."""
-
-    def __init__(self, jobs: Iterable[Any] | AsyncIterable[Any]) -> None:
-        self._async: AsyncIterator[Any] | None = None
-        self._sync: Iterator[Any] | None = None
-        if isinstance(jobs, AsyncIterable):
-            self._async = aiter(jobs)
-        else:
-            self._sync = iter(jobs)
-
-    async def next(self) -> Any:
-        """The next job, or ``_END``."""
-        if self._async is not None:
-            try:
-                return await anext(self._async)
-            except StopAsyncIteration:
-                return _END
-        assert self._sync is not None
-        # next() runs on the loop: manifest rows are cheap to read, and a
-        # thread hop per row would cost more than the read.
-        return next(self._sync, _END)
-
-    async def close(self) -> None:
-        """Close a generator source now (its files, cursors...), not at garbage collection."""
-        if self._async is not None:
-            aclose = getattr(self._async, "aclose", None)
-            if aclose is not None:
-                # Shielded: this runs when the batch is being cancelled too.
-                with anyio.move_on_after(_SOURCE_CLOSE_TIMEOUT, shield=True):
-                    await aclose()
-        elif self._sync is not None:
-            close = getattr(self._sync, "close", None)
-            if close is not None:
-                close()
 
 
 def _safe_name(job_id: str) -> str:
@@ -197,7 +150,7 @@ class _Engine:
             self._window.release()
 
     async def _produce(self, group: anyio.abc.TaskGroup, send: MemoryObjectSendStream[JobResult]) -> None:
-        source = _Source(self._jobs)
+        source = JobStream(self._jobs)
         index = 0
         try:
             while True:
@@ -218,7 +171,7 @@ class _Engine:
                     self.source_error = exc
                     logger.error("batch stopping: cannot read the next job: %s", exc)
                     return
-                if isinstance(item, _End):
+                if item is END:
                     self._release()
                     return
                 if self._fatal is not None:
@@ -238,14 +191,12 @@ class _Engine:
             await source.close()
 
     def _resolve(self, item: Any, index: int) -> JobResult | tuple[MergeJob, Path | None]:
-        """Give the job its id and output; a bad row or a done job resolves at once."""
+        """Give the job its id and output; a bad row or a settled job resolves at once."""
         if isinstance(item, BadRow):
             job = MergeJob(face_image="", image="", id=item.id)
-            if self._ledger is not None and self._ledger.is_done(item.id):
-                # Done in an earlier run, its row unreadable now (an input moved
-                # away): its record stands rather than a failure written over it.
-                return JobResult(job=job, status=JobStatus.SKIPPED)
-            return JobResult(job=job, status=JobStatus.FAILED, error=item.error)
+            # Done in an earlier run, its row unreadable now (an input moved
+            # away): its record stands rather than a failure written over it.
+            return self._settled(job, None) or JobResult(job=job, status=JobStatus.FAILED, error=item.error)
         if not isinstance(item, MergeJob):
             error = TypeError(f"batch jobs must be MergeJob objects, got {type(item).__name__}")
             return JobResult(job=MergeJob("", "", id=f"job-{index}"), status=JobStatus.FAILED, error=error)
@@ -255,27 +206,10 @@ class _Engine:
         duplicate = self._claim(job.id, output)
         if duplicate is not None:
             return JobResult(job=job, status=JobStatus.FAILED, error=duplicate)
-        settled = self._settled_before(job, output)
-        return settled if settled is not None else (job, output)
+        return self._settled(job, output) or (job, output)
 
-    def _settled_before(self, job: MergeJob, output: Path | None) -> JobResult | None:
-        """The result of a job an earlier run settled (done, or no face in unchanged files), else None."""
-        ledger = self._ledger
-        if ledger is None or job.id is None:
-            return None
-        if ledger.is_done(job.id) and (output is None or output.exists()):
-            return JobResult(job=job, status=JobStatus.SKIPPED, output=output)
-        if not self._resend_no_face:
-            earlier = ledger.no_face_before(job)
-            if earlier is not None:
-                # The same two files would get the same answer, and the request
-                # would still spend a turn of the account's rate limit.
-                not_again = NoFaceFoundBeforeError(
-                    status=400, reason="IMAGE_NO_FACE_DETECTED",
-                    message=f"not sent again, as neither input file has changed since ({earlier}); "
-                            "resend_no_face=True (--resend-no-face) sends it anyway")
-                return JobResult(job=job, status=JobStatus.FAILED, error=not_again, output=output)
-        return None
+    def _settled(self, job: MergeJob, output: Path | None) -> JobResult | None:
+        return settled_before(self._ledger, job, output, resend_no_face=self._resend_no_face)
 
     def _claim(self, job_id: str, output: Path | None) -> DuplicateJobError | None:
         """Take the job's id and output for this run, or say which an earlier job has."""
@@ -310,16 +244,12 @@ class _Engine:
         settled keeps that outcome (a "not attempted" line would write over it)."""
         if isinstance(item, MergeJob):
             job = item.with_id(job_identity(item, index))
-            settled = self._settled_before(job, self._output_for(job))
-            if settled is not None:
-                return settled
+            output = self._output_for(job)
         else:
-            job = MergeJob("", "", id=getattr(item, "id", None) or f"job-{index}")
-            if self._ledger is not None and job.id is not None and self._ledger.is_done(job.id):
-                return JobResult(job=job, status=JobStatus.SKIPPED)
+            job, output = MergeJob("", "", id=getattr(item, "id", None) or f"job-{index}"), None
         error = JobNotAttemptedError(f"not attempted: the batch stopped early ({self.summary.stop_reason})",
                                      cause=self._fatal)
-        return JobResult(job=job, status=JobStatus.NOT_ATTEMPTED, error=error)
+        return self._settled(job, output) or JobResult(job=job, status=JobStatus.NOT_ATTEMPTED, error=error)
 
     def _gate(self) -> BaseException | None:
         """Checked just before each attempt is sent."""
@@ -341,22 +271,12 @@ class _Engine:
                        output: Path | None) -> None:
         try:
             if self._ledger is not None:
-                # Taken before the upload: a file fixed while its request is in
-                # flight must not be recorded as the one that had no face.
-                self._sent_inputs[job.id or ""] = await self._input_fingerprint(job)
+                self._sent_inputs[job.id or ""] = await fingerprint_before_upload(self._client._files, job)
             record = await self._attempt_job(job, output)
             await self._emit(send, index, record)
         finally:
             self._sent_inputs.pop(job.id or "", None)
             self._slots.release()
-
-    async def _input_fingerprint(self, job: MergeJob) -> list[list[int]] | None:
-        """The job's input files' sizes and times, read where the client does its file calls."""
-        paths = [value for value in (job.face_image, job.image) if isinstance(value, (str, os.PathLike))]
-        if len(paths) != 2:
-            return None
-        folders = tuple(folder_of(Path(path)) for path in paths)
-        return await self._client._files.run(folders, lambda: input_fingerprint(job))
 
     async def _attempt_job(self, job: MergeJob, output: Path | None) -> JobResult | None:
         """Run one job to its end state; None when a graceful stop left it for a re-run."""

@@ -14,28 +14,35 @@ import json
 import logging
 import re
 import signal
-import stat
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 
 from novita_async._argtypes import number_arg
+from novita_async._cli_batch import check_ledger, check_output_folder, estimate_rows, run_batch_command
+from novita_async._cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    in_cli_terms,
+    say,
+    signal_exit,
+)
 from novita_async._client import NovitaClient
 from novita_async._config import API_KEY_ENV, BASE_URL_ENV, RESPONSE_IMAGE_TYPES, RetryPolicy, Timeout
 from novita_async._errors import ConfigurationError, InvalidImageError, NovitaError, OutputError
 from novita_async._fileio import FILE_IO_MODES
-from novita_async._jobs import JobResult, JobStatus, MergeJob
+from novita_async._jobs import MergeJob
 from novita_async._manifest import BadRow, ManifestError, check_manifest, jobs_from_folders
 from novita_async._shard import default_ledger, parse_shard, shard_jobs, shard_rpm
-from novita_async._summary import BatchSummary
 from novita_async._version import __version__
 
 __all__ = ["main"]
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 logger = logging.getLogger("novita_async")
 
@@ -45,32 +52,6 @@ logger = logging.getLogger("novita_async")
 _AT_LEAST_ONE = number_arg(int, 1)
 _POSITIVE = number_arg(float, 0, above=True)
 _SECONDS = number_arg(float, 0)
-
-#: The library's hints name Python parameters; on the command line they are flags.
-_CLI_TERMS = {"pass api_key=...": "pass --api-key KEY", "pass auto_resize=True": "pass --auto-resize"}
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs: exit 2 with this message."""
-
-
-def _in_cli_terms(message: str) -> str:
-    """``message`` with the library's Python hints (``pass auto_resize=True``) as CLI flags."""
-    for python, flag in _CLI_TERMS.items():
-        message = message.replace(python, flag)
-    return message
-
-
-def _say(message: str) -> None:
-    """Write a line for the user on stderr, without breaking a progress bar."""
-    message = _in_cli_terms(message)
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(message, file=sys.stderr)
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        sys.stderr.write(message + "\n")
-
 
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection")
@@ -204,11 +185,6 @@ def _merge_type(output: str, asked: str | None) -> str:
     return asked
 
 
-def _signal_exit(signum: int) -> int:
-    """The shell's exit code for a process ended by ``signum``: 130 for SIGINT, 143 for SIGTERM."""
-    return 128 + signum
-
-
 async def _merge_command(args: argparse.Namespace) -> int:
     image_type = _merge_type(args.output, args.type)
     client = _client_from_args(args)
@@ -235,17 +211,17 @@ async def _merge_command(args: argparse.Namespace) -> int:
                 # The inputs or -o (a folder, an unwritable place) are at fault: an input error.
                 raise UsageError(str(exc)) from None
             except NovitaError as exc:
-                _say(f"error: {type(exc).__name__}: {exc}")
+                say(f"error: {type(exc).__name__}: {exc}")
                 return EXIT_FAILED
     except asyncio.CancelledError:
         if not terminated:
             raise
-        _say("terminated: no result written")
-        return _signal_exit(signal.SIGTERM)
+        say("terminated: no result written")
+        return signal_exit(signal.SIGTERM)
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGTERM)
-    _say(f"wrote {result.path} ({result.image_type}, {result.attempts} attempt"
+    say(f"wrote {result.path} ({result.image_type}, {result.attempts} attempt"
          f"{'s' if result.attempts != 1 else ''}, {result.elapsed:.2f} s)")
     return EXIT_OK
 
@@ -266,114 +242,6 @@ def _jobs_from_args(args: argparse.Namespace) -> Iterator[MergeJob | BadRow]:
     raise UsageError("give a MANIFEST, or both --faces DIR and --images DIR")
 
 
-def _report(result: JobResult) -> None:
-    if result.status == JobStatus.FAILED:
-        _say(f"failed {result.job.id}: {result.error_reason}: {result.error}")
-
-
-async def run_batch_command(
-    client: NovitaClient,
-    jobs: Iterable[MergeJob | BadRow],
-    *,
-    output_dir: Path,
-    ledger: Path,
-    response_image_type: str = "png",
-    ordered: bool = False,
-    progress: bool | None = None,
-    grace: float = 60.0,
-    total: int | None = None,
-    resend_no_face: bool = False,
-) -> tuple[int, BatchSummary]:
-    """Run a batch as the CLI does: signals, per-failure lines, summary. Returns (exit code, summary)."""
-    run = client.batch(jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,
-                       progress=progress, response_image_type=response_image_type, total=total,
-                       resend_no_face=resend_no_face)
-    loop = asyncio.get_running_loop()
-    scope = anyio.CancelScope()
-    interrupts = 0
-    first_signal = signal.SIGINT
-    timers: list[asyncio.TimerHandle] = []
-    failure: str | None = None
-
-    def on_signal(signum: signal.Signals) -> None:
-        nonlocal interrupts, first_signal
-        interrupts += 1
-        if interrupts == 1:
-            first_signal = signum  # the exit code says which signal stopped the run
-            run.stop()
-            again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGTERM again"
-            _say(f"interrupted: finishing jobs in flight (up to {grace:g} s); {again} to stop now")
-            timers.append(loop.call_later(grace, scope.cancel))
-        else:
-            scope.cancel()
-
-    installed = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signum, on_signal, signum)
-            installed.append(signum)
-    try:
-        with scope:
-            async for result in run:
-                _report(result)
-    except (ManifestError, OSError) as exc:
-        # The job stream or the ledger failed part-way; jobs in flight finished.
-        failure = str(exc)
-    finally:
-        for timer in timers:
-            timer.cancel()
-        await run.aclose()
-        for signum in installed:
-            loop.remove_signal_handler(signum)
-    summary = run.summary
-    if scope.cancelled_caught or interrupts:
-        summary.interrupted = True
-    _say(summary.line())
-    _say(f"results: {output_dir}  ledger: {ledger}")
-    if failure is not None:
-        _say(f"novita-async: error: {failure}")
-        return EXIT_USAGE, summary
-    if summary.interrupted:
-        return _signal_exit(first_signal), summary
-    return (EXIT_FAILED if summary.failed_total or summary.not_attempted else EXIT_OK), summary
-
-
-def check_output_folder(folder: Path) -> None:
-    """Raise :class:`UsageError` unless ``folder`` is a folder or can be made one."""
-    try:
-        blocker = _file_in_the_way(folder)
-    except OSError as exc:  # a name too long, no permission to look
-        raise UsageError(f"output folder {folder} cannot be used: {exc.strerror or exc}") from None
-    if blocker == folder:
-        raise UsageError(f"output folder {folder} is a file: give a folder (it is created if missing)")
-    if blocker is not None:
-        raise UsageError(f"output folder {folder} cannot be made: {blocker} is a file, not a folder")
-
-
-def _check_ledger(ledger: Path) -> None:
-    """Raise :class:`UsageError` unless ``ledger`` is a file or can be made one."""
-    try:
-        is_folder = ledger.is_dir()
-        blocker = _file_in_the_way(ledger.parent)
-    except OSError as exc:
-        raise UsageError(f"ledger {ledger} cannot be used: {exc.strerror or exc}") from None
-    if is_folder:
-        raise UsageError(f"ledger {ledger} is a folder: give a file path such as {ledger / 'ledger.jsonl'}")
-    if blocker is not None:
-        raise UsageError(f"ledger {ledger} cannot be made: {blocker} is a file, not a folder")
-
-
-def _file_in_the_way(folder: Path) -> Path | None:
-    """The nearest of ``folder`` and its parents that exists, if it is a file rather than a folder."""
-    for path in (folder, *folder.parents):
-        try:
-            mode = path.stat().st_mode
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # not there yet (it is made), or under the file in the way
-        return None if stat.S_ISDIR(mode) else path
-    return None
-
-
 async def _batch_command(args: argparse.Namespace) -> int:
     jobs = _jobs_from_args(args)
     output_dir = Path(args.output_dir)
@@ -382,7 +250,7 @@ async def _batch_command(args: argparse.Namespace) -> int:
     ledger = Path(args.ledger) if args.ledger else default_ledger(output_dir, args.shard)
     # Found now, not after a run that could not start (and a summary of nothing).
     check_output_folder(output_dir)
-    _check_ledger(ledger)
+    check_ledger(ledger)
     pacing = None
     if args.shard is not None:
         index, count = args.shard
@@ -395,36 +263,15 @@ async def _batch_command(args: argparse.Namespace) -> int:
                       + (f" (account total {total_rpm:g}/min)" if args.rpm_per_worker is None else ""))
     client = _client_from_args(args)
     if pacing is not None:  # said once the client took the settings
-        _say(pacing)
+        say(pacing)
     async with client:
         code, _ = await run_batch_command(
             client, jobs, output_dir=output_dir, ledger=ledger, response_image_type=args.type,
             ordered=args.ordered, progress=False if args.no_progress else None, grace=args.grace,
-            total=None if args.shard is not None else await anyio.to_thread.run_sync(_estimate_rows, args.manifest),
+            total=None if args.shard is not None else await anyio.to_thread.run_sync(estimate_rows, args.manifest),
             resend_no_face=args.resend_no_face,
         )
     return code
-
-
-#: Manifests up to this size are counted up front for the progress bar's total
-#: (a quick read); larger ones show a count and a rate without a total.
-_COUNT_LIMIT = 64 * 1024 * 1024
-
-
-def _estimate_rows(manifest: str | None) -> int | None:
-    """Rows in a manifest (non-blank lines, less a CSV's header), for the progress bar; None if unknown."""
-    if manifest is None:
-        return None
-    path = Path(manifest)
-    try:
-        if path.stat().st_size > _COUNT_LIMIT:
-            return None
-        with path.open("rb") as handle:
-            rows = sum(1 for line in handle if line.strip())
-    except OSError:
-        return None
-    is_csv = path.suffix.lower() not in (".jsonl", ".ndjson", ".json")
-    return max(0, rows - 1) if is_csv else rows
 
 
 def _shard_arg(text: str) -> tuple[int, int]:
@@ -509,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return asyncio.run(demo_command(args))
     except UsageError as exc:
-        sys.stderr.write(f"novita-async: error: {_in_cli_terms(str(exc))}\n")
+        sys.stderr.write(f"novita-async: error: {in_cli_terms(str(exc))}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("novita-async: interrupted\n")

@@ -30,21 +30,17 @@ from novita_async._errors import (
     APITimeoutError,
     ClientClosedError,
     ConfigurationError,
-    InvalidImageError,
     NovitaError,
-    OutputError,
     RateLimitError,
 )
 from novita_async._fileio import FileCalls, FileIO, folder_of
 from novita_async._gate import SendGate
 from novita_async._output import FileSink, MemorySink, Sink, check_writable
 from novita_async._pacing import Pacer, PacerProtocol
+from novita_async._prepare import prepare_inputs
 from novita_async._result import MergeFaceResult
 from novita_async._retry import retry_call
 from novita_async._sources import (
-    ImageSource,
-    _source_sync,
-    buffer_source,
     close_sources,
 )
 from novita_async._transport import send_merge_request
@@ -64,10 +60,6 @@ __all__ = ["NovitaClient"]
 
 logger = logging.getLogger("novita_async")
 
-#: Rules that ``auto_resize`` can repair by re-encoding the image.
-_RESIZABLE_RULES = frozenset({"max_resolution", "max_size", "color_mode"})
-
-
 #: Set by a batch around each of its jobs (each job runs in its own task, so
 #: its own context): the gate each attempt passes just before it is sent (see
 #: ``_gate``).  This is how a batch that is stopping keeps queued jobs and
@@ -81,22 +73,6 @@ class _State(enum.Enum):
     UNOPENED = "unopened"
     OPEN = "open"
     CLOSED = "closed"
-
-
-def _path_folders(inputs: tuple[tuple[object, str], ...], output: Path | None) -> tuple[str, ...] | None:
-    """The folders a job's inputs and output are in; None if an input is not a path.
-
-    Only paths can be checked on the event loop: a PIL image is encoded (long,
-    CPU-bound work) and a file object may be anything, a socket included.
-    """
-    folders: list[str] = []
-    for value, _ in inputs:
-        if not isinstance(value, (str, os.PathLike)):
-            return None
-        folders.append(folder_of(value))
-    if output is not None:
-        folders.append(folder_of(output))
-    return tuple(dict.fromkeys(folders))
 
 
 class NovitaClient:
@@ -266,84 +242,6 @@ class NovitaClient:
         self._state = _State.OPEN
         return self._session
 
-    async def _prepare(
-        self, inputs: tuple[tuple[object, str], ...], auto_resize: bool, output: Path | None = None
-    ) -> list[ImageSource]:
-        """A source per ``(value, input_name)``, opened and checked (stat and header) in one file call.
-
-        That call runs where the client's file calls for these folders run (on
-        the event loop or in a worker thread, see ``_fileio``); inputs that are
-        not paths always go to a worker thread.  Opening reads a small file
-        whole or keeps a large one open, for the first upload, with or without
-        the checks (``validate``).  The same call checks that ``output`` is not
-        an existing folder: found out after the request, that would be a paid
-        result with nowhere to go.
-        """
-        from novita_async import _images
-
-        def open_and_check(value: object, input_name: str) -> tuple[ImageSource, InvalidImageError | None]:
-            source = _source_sync(value, input_name, self._files)
-            try:
-                with source.open_sync() as stream:
-                    if self.validate:
-                        _images.check_image(stream, size=source.size, input_name=input_name,
-                                            source=source.description)
-            except InvalidImageError as exc:
-                return source, exc
-            except BaseException:
-                source.close()
-                raise
-            return source, None
-
-        def check_all() -> tuple[list[tuple[ImageSource, InvalidImageError | None]], bool]:
-            # One call for every input's stat and header check: where it is a
-            # thread hop, each hop costs ~65 us of CPU and several wake-ups on
-            # a busy machine.
-            checked: list[tuple[ImageSource, InvalidImageError | None]] = []
-            try:
-                for value, input_name in inputs:
-                    checked.append(open_and_check(value, input_name))
-            except BaseException:
-                close_sources(source for source, _ in checked)
-                raise
-            return checked, output is not None and os.path.isdir(output)
-
-        folders = _path_folders(inputs, output)
-        if folders is None:  # a PIL image to encode, or a file object of unknown kind
-            checked, output_is_folder = await anyio.to_thread.run_sync(check_all)
-        else:
-            checked, output_is_folder = await self._files.run(folders, check_all)
-        sources: list[ImageSource] = []
-        try:
-            for source, problem in checked:
-                if problem is None:
-                    sources.append(source)
-                    continue
-                source.close()
-                if not (auto_resize and problem.rule in _RESIZABLE_RULES):
-                    raise problem
-
-                def fit(source: ImageSource = source) -> bytes:
-                    try:
-                        with source.open_sync() as stream:
-                            data, _ = _images.fit_image(stream, input_name=source.input_name,
-                                                        source=source.description)
-                    finally:
-                        source.close()
-                    return data
-
-                data = await anyio.to_thread.run_sync(fit)
-                logger.info("%s (%s) resized to fit the API's limits (%s)", source.input_name,
-                            source.description, problem.rule)
-                sources.append(buffer_source(data, source.input_name, f"{source.description} (resized)"))
-            if output is not None and output_is_folder:
-                raise OutputError(f"the output {output} is an existing folder, not a file: give the "
-                                  f"result a file name (such as {output / 'merged.png'})")
-        except BaseException:
-            close_sources(source for source, _ in checked)
-            raise
-        return sources
-
     async def merge_face(
         self,
         face_image: ImageInput,
@@ -401,7 +299,8 @@ class NovitaClient:
         started = time.monotonic()
         resize = self.auto_resize if auto_resize is None else auto_resize
         out_path = check_output(output)
-        face, target = await self._prepare(((face_image, "face_image"), (image, "image")), resize, out_path)
+        face, target = await prepare_inputs(((face_image, "face_image"), (image, "image")), files=self._files,
+                                            validate=self.validate, auto_resize=resize, output=out_path)
         try:
             body = RequestBody(face, target, extra)
             if out_path is not None and out_path.parent not in self._writable_folders:

@@ -90,17 +90,18 @@ def write_contact_sheet(folder: Path, manifest: Path, results: Path, rows: int =
 
 async def demo_command(args: argparse.Namespace) -> int:
     """Run the demo; returns the CLI exit code."""
-    from novita_async._cli import UsageError, _say, check_output_folder, run_batch_command
+    from novita_async._cli_batch import check_output_folder, run_batch_command
+    from novita_async._cli_common import UsageError, say
 
     folder = Path(args.output_dir)
     check_output_folder(folder)
-    _say(f"making {args.jobs} sample jobs in {folder / 'inputs'} ...")
+    say(f"making {args.jobs} sample jobs in {folder / 'inputs'} ...")
     try:
         manifest, source = await anyio.to_thread.run_sync(make_demo_inputs, folder, args.jobs)
     except OSError as exc:  # a read-only or full disk, no permission
         raise UsageError(f"cannot write the demo's inputs in {folder}: {exc.strerror or exc}") from None
     async with Emulator(EmulatorConfig(latency=args.latency)) as emulator:
-        _say(f"emulator on {emulator.url} (merge engine: {emulator.engine}); inputs: {source}")
+        say(f"emulator on {emulator.url} (merge engine: {emulator.engine}); inputs: {source}")
         async with NovitaClient(api_key=emulator.api_key, base_url=emulator.url,
                                 max_concurrency=args.concurrency,
                                 retry=RetryPolicy(initial_wait=0.2, max_wait=2.0)) as client:
@@ -110,6 +111,6 @@ async def demo_command(args: argparse.Namespace) -> int:
                 total=args.jobs,
             )
     sheet = await anyio.to_thread.run_sync(write_contact_sheet, folder, manifest, folder / "results")
-    _say(f"contact sheet (face | target | result): {sheet}")
+    say(f"contact sheet (face | target | result): {sheet}")
     sys.stdout.write(f"{sheet}\n")
     return code
