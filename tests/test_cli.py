@@ -529,14 +529,22 @@ def test_serve_refuses_a_port_out_of_range(capsys: pytest.CaptureFixture[str], p
     assert "argument --port: " in parse_error(capsys, "serve", "--port", port)
 
 
+def folder_batch_done(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str], count: int
+) -> tuple[list[object], Path]:
+    """A finished `batch --faces --images` of ``count`` pairs: its folder options and output folder."""
+    two_folders(tmp_path, count)
+    folders: list[object] = ["--faces", tmp_path / "faces", "--images", tmp_path / "images"]
+    out_dir = tmp_path / "out"
+    assert run_cli(capsys, "batch", *folders, "-o", out_dir, "--no-progress", *connect(emu))[0] == 0
+    return folders, out_dir
+
+
 def test_status_of_a_run_over_folders_says_folders(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`status --faces --images` counts the jobs left from the folders, and says so (not "manifest")."""
-    two_folders(tmp_path, 2)
-    folders = ["--faces", tmp_path / "faces", "--images", tmp_path / "images"]
-    out_dir = tmp_path / "out"
-    assert run_cli(capsys, "batch", *folders, "-o", out_dir, "--no-progress", *connect(emu))[0] == 0
+    folders, out_dir = folder_batch_done(emu, tmp_path, capsys, 2)
     code, out, _ = run_cli(capsys, "status", out_dir, *folders)
     assert code == 0
     assert "folders: 2 jobs; left 0" in out and "manifest" not in out
@@ -567,10 +575,7 @@ def test_status_counts_a_shard_not_started_among_others(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """One ledger missing among several is a shard not started yet: no error."""
-    two_folders(tmp_path, 1)
-    folders = ["--faces", tmp_path / "faces", "--images", tmp_path / "images"]
-    out_dir = tmp_path / "out"
-    assert run_cli(capsys, "batch", *folders, "-o", out_dir, "--no-progress", *connect(emu))[0] == 0
+    _, out_dir = folder_batch_done(emu, tmp_path, capsys, 1)
     code, out, _ = run_cli(capsys, "status", out_dir / "ledger.jsonl", out_dir / "ledger.shard-1-of-2.jsonl")
     assert code == 0
     assert "(not found)" in out and out.splitlines()[-2].split()[:2] == ["all", "1"]
