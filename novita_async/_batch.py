@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterable, Iterable, Sized
+from collections.abc import AsyncIterable, Callable, Iterable, Sized
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import anyio.to_thread
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from novita_async._client import send_gate
 from novita_async._errors import DuplicateJobError, JobNotAttemptedError, NoFaceFoundBeforeError, OutputError
 from novita_async._gate import SendGate
+from novita_async._handoff import Handoff
 from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity, output_extension
 from novita_async._jobstream import END, JobStream
 from novita_async._ledger import Ledger
@@ -118,10 +118,10 @@ class _Engine:
             self._send_gate.close()
 
     # -- runner ----------------------------------------------------------
-    async def run(self, send: MemoryObjectSendStream[JobResult]) -> None:
+    async def run(self, send: Handoff[JobResult]) -> None:
         self.summary.started = time.monotonic()
         try:
-            async with send:
+            try:
                 self._progress = Progress(self._progress_spec, total=self._total)
                 if self._ledger_path is not None:
                     # Loading a resumed run's ledger reads every line: not on the loop.
@@ -135,6 +135,10 @@ class _Engine:
                 async with anyio.create_task_group() as group:
                     self._group = group
                     await self._produce(group, send)
+            finally:
+                send.end()
+            # The last result's ledger line may wait for the consumer (see _emit).
+            await send.settled()
         finally:
             self.summary.finished = time.monotonic()
             if self._ledger is not None:
@@ -149,7 +153,7 @@ class _Engine:
         if self._window is not None:
             self._window.release()
 
-    async def _produce(self, group: anyio.abc.TaskGroup, send: MemoryObjectSendStream[JobResult]) -> None:
+    async def _produce(self, group: anyio.abc.TaskGroup, send: Handoff[JobResult]) -> None:
         source = JobStream(self._jobs)
         index = 0
         try:
@@ -267,7 +271,7 @@ class _Engine:
             logger.error("batch stopping early: %s", exc)
             self._send_gate.close()
 
-    async def _run_job(self, send: MemoryObjectSendStream[JobResult], index: int, job: MergeJob,
+    async def _run_job(self, send: Handoff[JobResult], index: int, job: MergeJob,
                        output: Path | None) -> None:
         try:
             if self._ledger is not None:
@@ -309,11 +313,27 @@ class _Engine:
                          attempts=result.attempts, elapsed=result.elapsed)
 
     def _record(self, result: JobResult) -> None:
-        ledger = self._ledger
         # A duplicate's line would replace the earlier job's record of the same id;
         # a job not sent again for its earlier "no face" keeps that record.
-        if (ledger is not None and result.status != JobStatus.SKIPPED
-                and not isinstance(result.error, (DuplicateJobError, NoFaceFoundBeforeError))):
+        if (result.status != JobStatus.SKIPPED
+                and not isinstance(result.error, (DuplicateJobError, NoFaceFoundBeforeError))
+                and not self._held_by_consumer(result)):
+            self._write_ledger(result)
+        self.summary.add(result)
+        if self._progress is not None:
+            self._progress.update(result, self.summary)
+
+    def _held_by_consumer(self, result: JobResult) -> bool:
+        """Whether the result exists only in memory: its "ok" is recorded once the consumer is done with it.
+
+        Recorded earlier, a result the consumer never got (it stopped with an
+        error first) would be skipped by a re-run, its image lost for good.
+        """
+        return self._ledger is not None and result.status == JobStatus.OK and result.output is None
+
+    def _write_ledger(self, result: JobResult) -> None:
+        ledger = self._ledger
+        if ledger is not None:
             try:
                 ledger.append(result, self._sent_inputs.get(result.job.id or ""))
             except OSError as exc:
@@ -321,11 +341,8 @@ class _Engine:
                 self._ledger = None
                 ledger.close()
                 self._set_fatal(OutputError(f"cannot write the ledger {ledger.path}: {exc.strerror or exc}"))
-        self.summary.add(result)
-        if self._progress is not None:
-            self._progress.update(result, self.summary)
 
-    async def _emit(self, send: MemoryObjectSendStream[JobResult], index: int, result: JobResult | None) -> None:
+    async def _emit(self, send: Handoff[JobResult], index: int, result: JobResult | None) -> None:
         """Record a result durably, count it, then hand it to the consumer.
 
         ``None`` marks a job left undone by a graceful stop: nothing to record,
@@ -336,7 +353,7 @@ class _Engine:
         try:
             if self._window is None:
                 if result is not None:
-                    await send.send(result)
+                    await send.send(result, on_done=self._on_done(result))
                 return
             self._reorder[index] = result
             async with self._flush_lock:
@@ -344,12 +361,18 @@ class _Engine:
                     ready = self._reorder.pop(self._next_index)
                     self._next_index += 1
                     if ready is not None:
-                        await send.send(ready)
+                        await send.send(ready, on_done=self._on_done(ready))
                     self._window.release()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             # The consumer is gone: nobody will read another result, stop all.
             if self._group is not None:
                 self._group.cancel_scope.cancel()
+
+
+    def _on_done(self, result: JobResult) -> Callable[[], None] | None:
+        if not self._held_by_consumer(result):
+            return None
+        return lambda: self._write_ledger(result)
 
 
 class BatchRun:
@@ -396,8 +419,7 @@ class BatchRun:
             total=total, prefetch=prefetch, resend_no_face=resend_no_face,
         )
         self._task: asyncio.Task[None] | None = None
-        self._receive: MemoryObjectReceiveStream[JobResult] | None = None
-        self._send: MemoryObjectSendStream[JobResult] | None = None
+        self._handoff: Handoff[JobResult] | None = None
         self._closed = False
 
     # -- consumer side ---------------------------------------------------
@@ -409,12 +431,12 @@ class BatchRun:
             if self._closed:
                 raise StopAsyncIteration
             # Unbuffered: a job's result waits for the consumer, and so does its slot.
-            self._send, self._receive = anyio.create_memory_object_stream[JobResult](0)
+            self._handoff = Handoff[JobResult]()
             self._task = asyncio.get_running_loop().create_task(
-                self._engine.run(self._send), name="novita-batch")
-        assert self._receive is not None
+                self._engine.run(self._handoff), name="novita-batch")
+        assert self._handoff is not None
         try:
-            return await self._receive.receive()
+            return await self._handoff.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             pass
         if self._closed:
@@ -428,7 +450,7 @@ class BatchRun:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.aclose()
+        await self._close(done=exc_type is None)
 
     def stop(self) -> None:
         """Stop gracefully: take no new jobs, let those in flight finish.
@@ -441,8 +463,20 @@ class BatchRun:
         self._engine.stop()
 
     async def aclose(self) -> None:
-        """Cancel whatever is still running and wait until it has stopped. Idempotent."""
+        """Cancel whatever is still running and wait until it has stopped. Idempotent.
+
+        The consumer counts as done with the last result it received: with a
+        ledger and no ``output_dir``, that result's line is written now (it
+        is not when ``async with`` ends with an error, so a re-run does it again).
+        """
+        await self._close(done=True)
+
+    async def _close(self, *, done: bool) -> None:
         self._closed = True
+        if self._handoff is not None:
+            # Before the runner is cancelled: the last result's ledger line
+            # (when the consumer is done with it) needs the ledger still open.
+            self._handoff.close(done=done)
         task = self._task
         if task is not None and not task.done():
             task.cancel()
@@ -451,12 +485,6 @@ class BatchRun:
             await asyncio.wait([task])
         if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
             logger.debug("batch runner ended with %r", task.exception())
-        self._close_streams()
-
-    def _close_streams(self) -> None:
-        for stream in (self._receive, self._send):
-            if stream is not None:
-                stream.close()
 
     def __del__(self) -> None:
         # The consumer dropped the run (`break` out of `async for`): cancel the
@@ -467,5 +495,6 @@ class BatchRun:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 if not task.get_loop().is_closed():
                     task.cancel()
-        with contextlib.suppress(AttributeError):
-            self._close_streams()
+        handoff = getattr(self, "_handoff", None)
+        if handoff is not None:
+            handoff.close(done=False)

@@ -10,6 +10,8 @@ Two modes:
 * adaptive: no rate set; the pacer runs unthrottled until the first 429, then
   cuts the rate to a fraction of what was observed and grows it slowly on
   each success (AIMD), so a batch settles just under the server's real limit.
+  It grows only while it is what holds starts back: a pace above what
+  concurrency lets through would otherwise drift ever higher unchecked.
 
 In both modes a 429 anywhere starts a shared cool-down that every later start
 waits out (the server's Retry-After when it sent one); tasks already waiting
@@ -127,6 +129,9 @@ class Pacer:
         self._starts: collections.deque[float] = collections.deque(maxlen=4096)
         self._successes: collections.deque[float] = collections.deque(maxlen=1024)
         self._last_cut: float | None = None
+        # When the schedule last held a caller back: the pace only grows while
+        # it is what limits the starts (see on_success).
+        self._held_at: float | None = None
         self._guessed = False  # the pace was cut from a guess, not from successes
         # Bumped when a 429 changes the pace or the cool-down: a task that
         # booked its slot before then books again instead of going at the old pace.
@@ -169,6 +174,8 @@ class Pacer:
         if self._returned:
             slot = self._returned.pop(0)
         else:
+            if self._next_start > start:
+                self._held_at = now
             slot = (max(start, self._next_start), max(start, self._next_start) + 1.0 / self._rate)
             self._next_start = slot[1]
         self._starts.append(slot[0])
@@ -209,11 +216,24 @@ class Pacer:
             # old pace and before the cool-down; book again.
 
     def on_success(self) -> None:
-        """A request succeeded: relax the adaptive pace a little."""
+        """A request succeeded: relax the adaptive pace a little, if it is what holds starts back."""
         self._streak = 0
-        self._successes.append(self._clock())
-        if not self.fixed and self._rate is not None:
+        now = self._clock()
+        self._successes.append(now)
+        if not self.fixed and self._rate is not None and self._pace_binds(now):
             self._rate *= 1.0 + _INCREASE
+
+    def _pace_binds(self, now: float) -> bool:
+        """Whether the schedule held a caller back lately.
+
+        When something else limits the starts (concurrency, a slow server, a
+        slow job stream), a success says nothing about a faster pace: growing
+        on it would let the pace drift far above what is sent, and the first
+        429 after the drift would meet a pace the server never allowed.
+        """
+        if self._held_at is None or self._rate is None:
+            return False
+        return now - self._held_at <= max(_HOLD, 2.0 / self._rate)
 
     def _cut_base(self, now: float) -> float:
         """The rate a 429 cuts from: the pace, unless the server let far fewer through."""

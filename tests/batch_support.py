@@ -6,7 +6,7 @@ import asyncio
 import csv
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,9 @@ import novita_async as na
 from novita_async.emulator import Emulator, EmulatorConfig, EmulatorStats
 
 from .conftest import FAST_RETRY, make_image
+
+#: The ``emulator_factory`` fixture: makes an emulator from EmulatorConfig's keywords.
+EmulatorFactory = Callable[..., Emulator]
 
 #: Retries that never sleep, with attempts enough that injected faults (a few
 #: percent each) cannot exhaust a job: 0.3 ** 12 is about 5e-7.

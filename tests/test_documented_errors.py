@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
 import novita_async as na
 from novita_async._jobs import is_fatal
-from novita_async.emulator import Emulator, Faults, job_key
+from novita_async.emulator import Faults, job_key
 
-from .batch_support import PATIENT_RETRY, client_for, collect, memory_jobs
+from .batch_support import PATIENT_RETRY, EmulatorFactory, client_for, collect, memory_jobs
 from .conftest import FAST_RETRY, make_image
 
 pytestmark = pytest.mark.anyio
@@ -19,7 +17,6 @@ pytestmark = pytest.mark.anyio
 FACE = make_image(seed=1)
 TARGET = make_image(size=(96, 80), seed=2)
 
-EmulatorFactory = Callable[..., Emulator]
 
 #: The 403s that say a valid key may not do this: every later job would fail too.
 FORBIDDEN = [

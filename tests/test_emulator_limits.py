@@ -13,6 +13,7 @@ import novita_async as na
 from novita_async.emulator import Emulator, EmulatorStats
 from novita_async.emulator._budget import BodyBudget
 
+from .batch_support import EmulatorFactory
 from .conftest import FAST_RETRY, make_image, request_json
 
 pytestmark = pytest.mark.anyio
@@ -22,7 +23,6 @@ TARGET = make_image(size=(96, 80), seed=2)
 #: The body the client sends for FACE and TARGET (the emulator reserves its length).
 BODY = json.dumps(request_json(FACE, TARGET)).encode()
 
-EmulatorFactory = Callable[..., Emulator]
 #: Opens a raw connection that sends a request head and part of its body, then stalls.
 OpenStalled = Callable[..., Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -17,12 +16,19 @@ from novita_async._jobs import JobResult, JobStatus
 from novita_async._ledger import Ledger, ledger_record, load_done_ids, read_ledger
 from novita_async.emulator import Emulator
 
-from .batch_support import assert_valid_image, csv_manifest, ledger_lines, memory_jobs, results_in, temp_files
+from .batch_support import (
+    EmulatorFactory,
+    assert_valid_image,
+    csv_manifest,
+    ledger_lines,
+    memory_jobs,
+    results_in,
+    temp_files,
+)
 from .conftest import FAST_RETRY, flat_image, make_image
 
 pytestmark = pytest.mark.anyio
 
-EmulatorFactory = Callable[..., Emulator]
 
 
 async def run_batch(emulator: Emulator, jobs: object, out: Path, *, stop_after: int | None = None,

@@ -133,13 +133,15 @@ def test_adaptive_paces_after_the_cut() -> None:
 
 
 def test_adaptive_grows_on_success_and_shrinks_on_429() -> None:
-    """Each success raises the rate a little; each 429 cuts it again."""
+    """While the pace holds starts back, each success raises it a little; each 429 cuts it again."""
     clock = FakeClock(0.0)
     pacer = Pacer(None, clock=clock)
     pacer.on_rate_limited(0.0)
     cut = pacer.rate
     assert cut is not None
     for _ in range(10):
+        assert pacer.reserve(clock.now) >= 0.0
+        assert pacer.reserve(clock.now) > 0.0  # the second booking waits: the pace binds
         pacer.on_success()
     grown = pacer.rate
     assert grown is not None
@@ -148,6 +150,27 @@ def test_adaptive_grows_on_success_and_shrinks_on_429() -> None:
     pacer.on_rate_limited(0.0)
     assert pacer.rate is not None
     assert pacer.rate < grown
+
+
+def test_adaptive_pace_does_not_grow_while_something_else_limits_the_starts() -> None:
+    """Successes of starts the pace never held back (concurrency or a slow server set the rate)
+    leave the pace where it is: otherwise it drifts far above what is sent, and the first 429
+    after the drift meets a pace the server never allowed."""
+    clock = FakeClock(0.0)
+    pacer = Pacer(None, clock=clock)
+    pacer.on_rate_limited(0.0)
+    cut = pacer.rate
+    assert cut is not None
+    for step in range(1, 200):
+        clock.now = 10.0 + step * 2.0 / cut  # one start every two intervals: never held back
+        assert pacer.reserve(clock.now) == 0.0
+        pacer.on_success()
+    assert pacer.rate == cut
+    # Once starts queue behind the pace again, it grows.
+    for _ in range(3):
+        pacer.reserve(clock.now)
+    pacer.on_success()
+    assert pacer.rate > cut
 
 
 def test_adaptive_rate_has_a_floor() -> None:
