@@ -30,7 +30,6 @@ from .conftest import FAST_RETRY, flat_image, make_image
 pytestmark = pytest.mark.anyio
 
 
-
 async def run_batch(emulator: Emulator, jobs: object, out: Path, *, stop_after: int | None = None,
                     how: str = "break", concurrency: int = 4) -> tuple[list[JobResult], na.BatchSummary]:
     """Run ``jobs`` into ``out`` with its ledger; optionally stop after ``stop_after`` results."""
