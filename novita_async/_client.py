@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import enum
 import logging
@@ -43,7 +44,7 @@ from novita_async._retry import retry_call
 from novita_async._sources import (
     close_sources,
 )
-from novita_async._transport import send_merge_request
+from novita_async._transport import check_session, send_merge_request
 from novita_async._version import __version__
 
 if TYPE_CHECKING:
@@ -96,7 +97,10 @@ class NovitaClient:
         validate: Check inputs with Pillow before upload (format, size,
             resolution, truncation). Turn off only for inputs already checked.
         session: An ``aiohttp.ClientSession`` to use instead of creating one
-            (the client then does not close it).
+            (the client then does not close it).  Its ``raise_for_status``,
+            ``auto_decompress``, ``timeout`` and default ``Authorization`` /
+            ``Content-Type`` headers do not apply to the client's requests;
+            one with ``auth=`` is refused.
         pacer: A pace shared with other clients (any :class:`PacerProtocol`,
             e.g. one :class:`Pacer` for several clients, or the Ray actor-backed
             pacer of ``novita_async.ray``) instead of the client's own; give
@@ -106,9 +110,14 @@ class NovitaClient:
             call stays under 5 ms (a worker thread otherwise, and for good
             once a folder is slow); ``"threads"`` always in worker threads.
 
+    A client belongs to the event loop it is first used in (its connections
+    do): with ``asyncio.run()``, create it inside the coroutine, not once for
+    several runs.
+
     Raises:
-        ConfigurationError: no API key, a malformed base URL, or an argument of
-            the wrong type or out of range (named in the message).
+        ConfigurationError: no API key, a malformed base URL, a session the
+            client cannot use, or an argument of the wrong type or out of
+            range (named in the message).
 
     Example:
         >>> async with NovitaClient() as client:  # doctest: +SKIP
@@ -139,6 +148,8 @@ class NovitaClient:
                 "(keys start with 'sk_')"
             )
         check_max_concurrency(max_concurrency)
+        if session is not None:
+            check_session(session)
         if requests_per_minute is not None:
             check_number("requests_per_minute", requests_per_minute, above=True)
         self._api_key = key.strip()
@@ -158,6 +169,10 @@ class NovitaClient:
         self._writable_folders: set[Path] = set()  # output folders already probed
         self._session = session
         self._owns_session = session is None
+        # The event loop the client's connections belong to: a caller's session
+        # is bound to the loop it was made in (no public accessor for it), the
+        # client's own to the loop of its first use.
+        self._loop: asyncio.AbstractEventLoop | None = getattr(session, "_loop", None)
         self._state = _State.UNOPENED
         # Every wait of a call (a request slot, a pacing turn, a retry's back-off)
         # runs inside this gate, so aclose() ends them at once: at 10 requests a
@@ -195,13 +210,27 @@ class NovitaClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the HTTP session (if the client created it). Idempotent."""
+        """Close the HTTP session (if the client created it). Idempotent.
+
+        Raises:
+            ClientClosedError: called in another event loop than the client's
+                while that loop still runs (close it from its own loop).
+        """
         if self._state is _State.CLOSED:
             return
+        other_loop = self._other_loop()
+        if other_loop is not None and not other_loop.is_closed():
+            raise self._wrong_loop_error(other_loop)
         self._state = _State.CLOSED
         self._closing.close()
         if self._session is not None and self._owns_session:
-            await self._session.close()
+            if other_loop is None:
+                await self._session.close()
+            else:
+                # Closing its connections needs their loop, which has ended
+                # (aiohttp: "Event loop is closed"); the garbage collector frees them.
+                logger.warning("NovitaClient.aclose() in a new event loop: the connections of the "
+                               "loop the client was used in (now closed) cannot be closed here")
 
     def _closed_check(self) -> ClientClosedError | None:
         """The error for a call that must not go on (the client is closed), or None."""
@@ -227,9 +256,31 @@ class NovitaClient:
         if self._state is _State.CLOSED or session.closed:
             raise self._closed_error()
 
+    def _other_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the client belongs to if it is not the running one (None: same, or no loop runs)."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return None  # batch() called outside a coroutine: the calls it makes check again
+        if self._loop is None:
+            self._loop = running
+        return self._loop if self._loop is not running else None
+
+    def _wrong_loop_error(self, loop: asyncio.AbstractEventLoop) -> ClientClosedError:
+        state = "has ended" if loop.is_closed() else "is another one, still running"
+        return ClientClosedError(
+            f"this NovitaClient belongs to the event loop it was first used in, which {state}: "
+            "a client's connections cannot move to another loop (a second asyncio.run()?). "
+            "Create the client inside the coroutine that uses it "
+            "('async with NovitaClient(...) as client:'), one client per event loop"
+        )
+
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._state is _State.CLOSED:
             raise self._closed_error()
+        other_loop = self._other_loop()
+        if other_loop is not None:
+            raise self._wrong_loop_error(other_loop)
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.max_concurrency, enable_cleanup_closed=True)
             self._session = aiohttp.ClientSession(

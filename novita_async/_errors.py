@@ -4,8 +4,8 @@
 
     NovitaError
     ├── ConfigurationError          bad client settings (no API key, bad URL)
-    ├── ClientClosedError           the client was used after close
-    ├── APIStatusError              the server answered with an error status
+    ├── ClientClosedError           the client was used after close, or in another event loop
+    ├── APIStatusError              the server answered with an error status (carries retry_after)
     │   ├── BadRequestError             400
     │   │   ├── NoFaceDetectedError         IMAGE_NO_FACE_DETECTED
     │   │   │   └── NoFaceFoundBeforeError      ... in an earlier run of a batch: not sent again
@@ -13,7 +13,7 @@
     │   ├── AuthenticationError         401, 400 MISSING_API_KEY, 403 INVALID_API_KEY
     │   ├── PermissionDeniedError       other 403 (BILLING_AUTH_FAILED, API_NOT_ALLOWED)
     │   ├── NotFoundError               404
-    │   ├── RateLimitError              429 (carries retry_after)
+    │   ├── RateLimitError              429 (also slows every request of the client)
     │   └── ServerError                 5xx
     ├── APIConnectionError          the request never got an answer
     │   └── APITimeoutError             ... because a time limit ran out
@@ -84,7 +84,13 @@ class ConfigurationError(NovitaError, ValueError):
 
 
 class ClientClosedError(NovitaError, RuntimeError):
-    """The client was used after ``aclose()`` or outside its ``async with``."""
+    """The client was used after ``aclose()`` or outside its ``async with``.
+
+    Also raised, before anything is sent, when a client is used in another
+    event loop than the one it was first used in (a second ``asyncio.run()``):
+    its connections belong to that loop.  Create one client per event loop,
+    inside the coroutine that uses it.
+    """
 
 
 class APIStatusError(NovitaError):
@@ -99,9 +105,14 @@ class APIStatusError(NovitaError):
         metadata: The API's string map of extra details (may be empty).
         request_id: The server's request id header, when it sent one.
         body: The error body as received (at most 64 KiB of it).
+        retry_after: Seconds the server asked to wait before trying again
+            (its ``Retry-After`` header, delta-seconds or HTTP date), or
+            ``None``.  The retry layer honours it on every status it retries
+            (429, 5xx, 408), up to ``RetryPolicy.max_retry_after``.
     """
 
     retryable = False
+    retry_after: float | None = None
 
     def __init__(
         self,
@@ -112,6 +123,7 @@ class APIStatusError(NovitaError):
         metadata: Mapping[str, str] | None = None,
         request_id: str | None = None,
         body: bytes = b"",
+        retry_after: float | None = None,
     ) -> None:
         self.status = status
         self.reason = reason
@@ -119,6 +131,7 @@ class APIStatusError(NovitaError):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.request_id = request_id
         self.body = body
+        self.retry_after = retry_after
         super().__init__(self._render())
 
     def _render(self) -> str:
@@ -182,15 +195,11 @@ class NotFoundError(APIStatusError):
 class RateLimitError(APIStatusError):
     """429: the account's rate limit was exceeded.
 
-    Attributes:
-        retry_after: Seconds the server asked to wait, or ``None``.
+    Unlike other retried statuses it slows every request of the client (the
+    shared pace), for ``retry_after`` seconds when the server gave one.
     """
 
     retryable = True
-
-    def __init__(self, *, retry_after: float | None = None, **kwargs: Any) -> None:
-        self.retry_after = retry_after
-        super().__init__(**kwargs)
 
 
 class ServerError(APIStatusError):
@@ -381,13 +390,11 @@ def error_from_response(
     if request_id is None:
         request_id = metadata.get("request_id")
     cls = error_class_for(status, reason)
-    common: dict[str, Any] = dict(
+    # Parsed for every status: a 503 or a proxy's 502 may ask for a pause as a 429 does.
+    error = cls(
         status=status, reason=reason, message=message, metadata=metadata,
-        request_id=request_id, body=body,
+        request_id=request_id, body=body, retry_after=parse_retry_after(headers.get("Retry-After")),
     )
-    if cls is RateLimitError:
-        return RateLimitError(retry_after=parse_retry_after(headers.get("Retry-After")), **common)
-    error = cls(**common)
     if status >= 500 or status in (408, 429):
         # A 5xx mapped by reason (none today) must still be retried.
         error.retryable = True

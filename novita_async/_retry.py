@@ -4,6 +4,10 @@ Only errors marked ``retryable`` are retried (5xx, 408, 429, dropped
 connections, timeouts, bodies cut short); everything else, local errors
 included, surfaces at once.  The last real error is re-raised (never
 ``tenacity.RetryError``) with ``attempts`` set on it.
+
+A server's ``Retry-After`` sets the wait before the retry on every status
+retried (429, 5xx, 408), capped at ``RetryPolicy.max_retry_after``; only a
+429 also slows the client's other requests (the pacer, in ``_client``).
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ def is_retryable(exc: BaseException) -> bool:
 def wait_seconds(policy: RetryPolicy, exc: BaseException | None, retry_number: int, rand: float) -> float:
     """Seconds to wait before retry ``retry_number`` after ``exc`` (pure).
 
-    A server's Retry-After wins (capped at ``policy.max_retry_after``);
-    otherwise exponential backoff with jitter.
+    A server's Retry-After wins (capped at ``policy.max_retry_after``),
+    whatever the status (429, 5xx, 408); otherwise exponential backoff with
+    jitter.
     """
-    retry_after = getattr(exc, "retry_after", None) if isinstance(exc, APIStatusError) else None
+    retry_after = exc.retry_after if isinstance(exc, APIStatusError) else None
     if retry_after is not None:
         return min(float(retry_after), policy.max_retry_after)
     return policy.backoff(retry_number, rand)

@@ -2,12 +2,22 @@
 
 Everything aiohttp can raise is turned into a NovitaError here, chained with
 ``from``; nothing above this module sees an aiohttp type.
+
+A caller may hand the client an ``aiohttp.ClientSession`` of their own, made
+with settings that would change what our requests mean.  Each request
+therefore sets what it relies on itself: it reads error statuses (never the
+session's ``raise_for_status``), gets decoded bodies (whatever the session's
+``auto_decompress``), runs under the client's time limits (not the session's
+``timeout``), and sends its own ``Authorization`` and ``Content-Type`` over the
+session's default headers.  The settings a request cannot override are refused
+when the client is built (:func:`check_session`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import aiohttp
 
@@ -17,13 +27,14 @@ from novita_async._encode import RequestBody
 from novita_async._errors import (
     APIConnectionError,
     APITimeoutError,
+    ConfigurationError,
     InvalidResponseError,
     NovitaError,
     error_from_response,
 )
 from novita_async._output import Sink
 
-__all__ = ["read_capped", "send_merge_request"]
+__all__ = ["check_session", "read_capped", "send_merge_request"]
 
 logger = logging.getLogger("novita_async")
 
@@ -52,6 +63,41 @@ async def _stream_success(response: aiohttp.ClientResponse, sink: Sink) -> str |
     if tail:
         await sink.write(tail)
     return decoder.image_type
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """``"3.11.18"`` (or ``"3.12.0rc1"``) as ``(3, 11)``."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+#: aiohttp before 3.12 fails an absolute URL on a session with a base_url (an
+#: AssertionError in ``ClientSession._build_url``); 3.12 lets it override the base.
+_ABSOLUTE_URL_OVERRIDES_BASE = _major_minor(aiohttp.__version__) >= (3, 12)
+
+
+def check_session(session: aiohttp.ClientSession) -> None:
+    """Refuse a caller's session whose settings no request of ours can override (pure).
+
+    Raises:
+        ConfigurationError: the session has an ``auth`` (aiohttp refuses it next
+            to our ``Authorization`` header on every request), or a ``base_url``
+            on an aiohttp too old to send to our absolute URL through it.
+    """
+    if session.auth is not None:
+        raise ConfigurationError(
+            "the aiohttp session given has auth= set, which aiohttp will not combine with the "
+            "API key's Authorization header: pass a session without auth (the client sends "
+            "the key itself)"
+        )
+    # No public accessor for it; getattr keeps this safe if aiohttp renames it.
+    base_url = getattr(session, "_base_url", None)
+    if base_url is not None and not _ABSOLUTE_URL_OVERRIDES_BASE:
+        raise ConfigurationError(
+            f"the aiohttp session given has base_url={str(base_url)!r}, which aiohttp "
+            f"{aiohttp.__version__} cannot combine with the client's own URL (3.12 can): pass a "
+            "session without base_url, and the endpoint as NovitaClient(base_url=...)"
+        )
 
 
 def _aiohttp_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
@@ -89,8 +135,13 @@ async def send_merge_request(
     }
     logger.debug("POST %s (%d bytes)", url, body.content_length)
     try:
+        # raise_for_status and auto_decompress override a caller's session: an
+        # error status raised by aiohttp would lose its body and pass for a
+        # dropped connection (and be retried), and an undecoded gzip body would
+        # pass for a malformed one.  (Both are per-request options in aiohttp 3.9.1, our floor.)
         async with session.post(
-            url, data=body.stream(), headers=headers, timeout=_aiohttp_timeout(timeout)
+            url, data=body.stream(), headers=headers, timeout=_aiohttp_timeout(timeout),
+            raise_for_status=False, auto_decompress=True,
         ) as response:
             logger.debug("HTTP %d from %s", response.status, url)
             if 200 <= response.status < 300:

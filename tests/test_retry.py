@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import email.utils
 import gc
 import random
 import time
 
 import anyio
 import pytest
+from aiohttp import web
 
 import novita_async as na
+from novita_async._errors import error_from_response
+from novita_async._pacing import Pacer
 from novita_async._retry import is_retryable, retry_call, wait_seconds
+
+from .conftest import make_image, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -78,6 +85,88 @@ def test_retry_after_wins_and_is_capped(retry_after: float | None, expected: flo
     """A server's Retry-After replaces the backoff, up to max_retry_after."""
     policy = na.RetryPolicy(initial_wait=1.0, jitter=0.0, max_retry_after=10.0)
     assert wait_seconds(policy, rate_limited(retry_after), 1, 0.5) == expected
+
+
+def _http_date(seconds_from_now: float) -> str:
+    """An HTTP date (whole seconds, GMT), as a Retry-After header may carry."""
+    return email.utils.formatdate(time.time() + seconds_from_now, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        pytest.param(500, b'{"code": 500, "reason": "TASK_FAILED", "message": "x"}', id="500"),
+        pytest.param(502, b"<html><body>Bad Gateway</body></html>", id="502-html"),
+        pytest.param(503, b"<html><body>Service Unavailable</body></html>", id="503-html"),
+        pytest.param(504, b"", id="504-empty"),
+        pytest.param(408, b"", id="408"),
+        pytest.param(429, b'{"code": 429, "reason": "RATE_LIMIT_EXCEEDED", "message": "x"}', id="429"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("header", "low", "high"),
+    [
+        pytest.param("2", 2.0, 2.0, id="seconds"),
+        pytest.param("0", 0.0, 0.0, id="zero"),
+        pytest.param("500", 10.0, 10.0, id="capped"),
+        pytest.param("in-a-minute", 1.0, 1.0, id="unparseable-uses-backoff"),
+    ],
+)
+def test_retry_after_sets_the_wait_on_every_retried_status(
+    status: int, body: bytes, header: str, low: float, high: float
+) -> None:
+    """Retry-After on a 5xx or 408 sets the wait before the retry as on a 429, capped by max_retry_after."""
+    policy = na.RetryPolicy(initial_wait=1.0, jitter=0.0, max_retry_after=10.0)
+    error = error_from_response(status, {"Retry-After": header}, body)
+    assert error.retryable
+    assert low <= wait_seconds(policy, error, 1, 0.5) <= high
+
+
+@pytest.mark.parametrize("status", [pytest.param(503, id="503"), pytest.param(429, id="429")])
+def test_retry_after_as_an_http_date(status: int) -> None:
+    """Retry-After as an HTTP date is the seconds until then, on a 503 as on a 429."""
+    policy = na.RetryPolicy(initial_wait=0.0, max_wait=0.0, max_retry_after=60.0)
+    error = error_from_response(status, {"Retry-After": _http_date(30)}, b"")
+    assert error.retry_after is not None and 28.0 <= error.retry_after <= 31.0
+    assert 28.0 <= wait_seconds(policy, error, 1, 0.5) <= 31.0
+    past = error_from_response(status, {"Retry-After": _http_date(-30)}, b"")
+    assert past.retry_after == 0.0
+
+
+@pytest.mark.parametrize(
+    ("status", "header", "max_retry_after", "low", "high"),
+    [
+        pytest.param(503, "0.4", 5.0, 0.38, 2.0, id="503-honoured"),
+        pytest.param(502, "0.4", 5.0, 0.38, 2.0, id="502-honoured"),
+        pytest.param(408, "0.4", 5.0, 0.38, 2.0, id="408-honoured"),
+        pytest.param(503, "3600", 0.3, 0.28, 1.5, id="503-capped"),
+        pytest.param(503, "not-a-number", 5.0, 0.0, 0.3, id="503-unparseable-backs-off"),
+    ],
+)
+async def test_a_server_error_with_retry_after_waits_before_its_retry(
+    status: int, header: str, max_retry_after: float, low: float, high: float
+) -> None:
+    """The client waits the Retry-After a 5xx or 408 asks for before retrying (within the policy's cap),
+    without slowing its other requests: the shared pace is for 429s."""
+    sent: list[float] = []
+    image = make_image(size=(32, 32), seed=3)
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        sent.append(time.monotonic())
+        if len(sent) == 1:
+            return web.json_response({"code": status, "reason": "", "message": "busy", "metadata": {}},
+                                     status=status, headers={"Retry-After": header})
+        return web.json_response({"image_file": base64.b64encode(image).decode(),
+                                  "image_type": "png"})
+
+    policy = na.RetryPolicy(max_attempts=3, initial_wait=0.0, max_wait=0.0, max_retry_after=max_retry_after)
+    async with serving(handler) as url, na.NovitaClient(api_key="sk_x", base_url=url, retry=policy) as client:
+        result = await client.merge_face(make_image(seed=1), make_image(seed=2))
+    assert result.attempts == 2
+    assert low <= sent[1] - sent[0] <= high
+    assert isinstance(client.pacer, Pacer)
+    assert (client.pacer.rate_limited, client.pacer.rate) == (0, None)
 
 
 @pytest.mark.parametrize(
