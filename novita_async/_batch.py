@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Sized
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -32,10 +33,24 @@ import anyio.abc
 import anyio.to_thread
 
 from novita_async._client import send_gate
-from novita_async._errors import DuplicateJobError, JobNotAttemptedError, NoFaceFoundBeforeError, OutputError
+from novita_async._errors import (
+    ConfigurationError,
+    DuplicateJobError,
+    JobNotAttemptedError,
+    NoFaceFoundBeforeError,
+    OutputError,
+)
 from novita_async._gate import SendGate
 from novita_async._handoff import Handoff
-from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity, output_extension
+from novita_async._jobs import (
+    JobResult,
+    JobStatus,
+    MergeJob,
+    is_fatal,
+    job_identity,
+    output_extension,
+    type_of_output,
+)
 from novita_async._jobstream import END, JobStream
 from novita_async._ledger import Ledger
 from novita_async._manifest import BadRow
@@ -204,10 +219,16 @@ class _Engine:
         if not isinstance(item, MergeJob):
             error = TypeError(f"batch jobs must be MergeJob objects, got {type(item).__name__}")
             return JobResult(job=MergeJob("", "", id=f"job-{index}"), status=JobStatus.FAILED, error=error)
-        job = item.with_id(job_identity(item, index))
-        assert job.id is not None
+        job_id = job_identity(item, index)
+        job = item.with_id(job_id)
         output = self._output_for(job)
-        duplicate = self._claim(job.id, output)
+        refused = self._refused_output(job, output)
+        if refused is not None:
+            return JobResult(job=job, status=JobStatus.FAILED, error=refused, output=output)
+        if output is not None and job.response_image_type is None:
+            # A result named x.jpg is a JPEG whatever the batch's default type.
+            job = replace(job, response_image_type=type_of_output(output))
+        duplicate = self._claim(job_id, output)
         if duplicate is not None:
             return JobResult(job=job, status=JobStatus.FAILED, error=duplicate)
         return self._settled(job, output) or (job, output)
@@ -231,6 +252,23 @@ class _Engine:
         self._seen_ids.add(job_id)
         if where is not None:
             self._claimed_outputs.add(where)
+        return None
+
+    def _refused_output(self, job: MergeJob, output: Path | None) -> ConfigurationError | None:
+        """Why the job's own output cannot be written, or None: it is the ledger, or not what it is named."""
+        if output is None or job.output is None:
+            return None
+        if self._ledger_path is not None and os.path.normcase(os.path.abspath(output)) == os.path.normcase(
+                os.path.abspath(self._ledger_path)):
+            return ConfigurationError(f"job {job.id!r} would write its result over the ledger {output}; "
+                                      "give it another output")
+        implied = type_of_output(output)
+        if output.suffix and implied is None:
+            return ConfigurationError(f"job {job.id!r}: output {str(output)!r} is not an image file name; "
+                                      "end it in .png, .jpg, .jpeg or .webp")
+        if implied is not None and job.response_image_type not in (None, implied):
+            return ConfigurationError(f"job {job.id!r}: output {str(output)!r} names a {implied} file but "
+                                      f"response_image_type is {job.response_image_type}; make them agree")
         return None
 
     def _output_for(self, job: MergeJob) -> Path | None:

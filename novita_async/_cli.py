@@ -37,7 +37,7 @@ from novita_async._client import NovitaClient
 from novita_async._config import API_KEY_ENV, BASE_URL_ENV, RESPONSE_IMAGE_TYPES, RetryPolicy, Timeout
 from novita_async._errors import ConfigurationError, InvalidImageError, NovitaError, OutputError
 from novita_async._fileio import FILE_IO_MODES
-from novita_async._jobs import MergeJob
+from novita_async._jobs import MergeJob, type_of_output
 from novita_async._manifest import BadRow, ManifestError, check_manifest, jobs_from_folders
 from novita_async._shard import default_ledger, parse_shard, shard_jobs, shard_rpm
 from novita_async._version import __version__
@@ -169,13 +169,9 @@ def _client_from_args(args: argparse.Namespace) -> NovitaClient:
         raise UsageError(str(exc)) from None
 
 
-#: Result formats by the output's file extension.
-_TYPE_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
-
-
 def _merge_type(output: str, asked: str | None) -> str:
     """The result format: ``--type``, else OUT's extension, else png; a clash is a usage error."""
-    implied = _TYPE_OF_SUFFIX.get(Path(output).suffix.lower())
+    implied = type_of_output(output)
     if asked is None:
         return implied or "png"
     if implied is not None and implied != asked:

@@ -102,13 +102,22 @@ class Timeout:
 
     @classmethod
     def of(cls, value: Timeout | float | None) -> Timeout:
-        """Coerce a number of seconds (the ``total``) or ``None`` (defaults) to a Timeout."""
+        """Coerce a number of seconds or ``None`` (defaults) to a Timeout.
+
+        A number is the time allowed for one attempt however it is spent: it
+        sets ``total`` and ``read`` (the server may stay silent all of it
+        while it merges), and caps ``connect``.
+
+        Example:
+            >>> Timeout.of(300).read
+            300.0
+        """
         if value is None:
             return cls()
         if isinstance(value, Timeout):
             return value
         total = float(check_number("timeout (a Timeout, or seconds for the total)", value, above=True))
-        return cls(total=total, read=min(cls.read, total), connect=min(cls.connect, total))
+        return cls(total=total, read=total, connect=min(cls.connect, total))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import errno
 import hashlib
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 from novita_async._config import RESPONSE_IMAGE_TYPES
@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from novita_async._result import MergeFaceResult
     from novita_async._sources import ImageInput
 
-__all__ = ["JobResult", "JobStatus", "MergeJob", "hash_id", "is_fatal", "job_identity", "output_extension"]
+__all__ = [
+    "JobResult", "JobStatus", "MergeJob", "hash_id", "is_fatal", "job_identity", "output_extension", "type_of_output",
+]
 
 #: File extension for each response type.
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -24,6 +26,15 @@ _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 def output_extension(image_type: str) -> str:
     """The file extension for a response image type (``jpeg`` -> ``jpg``)."""
     return _EXTENSIONS[image_type]
+
+
+#: Result formats by an output file's extension.
+_TYPE_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def type_of_output(path: str | os.PathLike[str]) -> str | None:
+    """The response image type an output's extension names (``x.jpg`` -> ``jpeg``), or None."""
+    return _TYPE_OF_SUFFIX.get(PurePath(path).suffix.lower())
 
 
 @dataclass(frozen=True)

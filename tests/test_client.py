@@ -471,6 +471,15 @@ async def test_slow_answer_times_out(emulator_factory: Callable[..., Emulator]) 
         await wait_idle(emu)  # the server dropped the abandoned handlers
 
 
+@pytest.mark.parametrize("seconds", [pytest.param(0.5, id="short"), pytest.param(300.0, id="over-the-default-read")])
+def test_a_timeout_in_seconds_is_the_whole_attempt(seconds: float) -> None:
+    """timeout=N (--timeout N) allows N seconds of silence too: a 300 s attempt is not cut at the
+    default 120 s read limit while the server merges."""
+    client = na.NovitaClient(api_key="sk_test", base_url="http://127.0.0.1:9", timeout=seconds)
+    assert (client.timeout.total, client.timeout.read) == (seconds, seconds)
+    assert client.timeout.connect == min(10.0, seconds)
+
+
 async def test_read_timeout_on_a_dripping_answer(emulator_factory: Callable[..., Emulator]) -> None:
     """A body that trickles slower than Timeout.read times out even within the total."""
     faults = Faults(rates={"drip": 1.0}, drip_interval=1.0)
