@@ -20,7 +20,7 @@ pytestmark = pytest.mark.anyio
 def _rows(tmp_path: Path, outputs: list[tuple[str, str]]) -> Path:
     pairs = write_inputs(tmp_path / "in", len(outputs))
     return write_csv(tmp_path / "in" / "m.csv", ("face_image", "image", "output", "response_image_type"),
-                     [(f.name, i.name, out, kind) for (f, i), (out, kind) in zip(pairs, outputs)])
+                     [(f.name, i.name, out, kind) for (f, i), (out, kind) in zip(pairs, outputs, strict=True)])
 
 
 def test_a_manifest_output_that_is_no_image_name_or_contradicts_its_type_is_a_bad_row(tmp_path: Path) -> None:
