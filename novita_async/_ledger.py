@@ -1,7 +1,11 @@
 """The batch ledger: one JSON line per finished job, appended as each ends.
 
 The ledger is what makes a batch resumable: a re-run skips every job whose
-last line says ``ok`` and whose output still exists.  A job the API found no
+last line says ``ok`` and whose output still exists.  The other ledgers
+beside it (``ledger*.jsonl`` in its folder: the shards of the same run, or a
+run under another ledger name) count too, read only: a job one of them
+finished is done, as ``status`` counts it, so finishing a crashed shard's work
+from another worker, or changing the number of shards, sends nothing twice.  A job the API found no
 face in keeps its input files' sizes and modification times on its line, so a
 re-run can tell that sending it again would get the same answer.  Each line is written
 with one ``write`` on an append-mode file and flushed at once, so a crash can
@@ -19,10 +23,13 @@ from typing import Any
 
 from novita_async._jobs import JobResult, JobStatus, MergeJob
 
-__all__ = ["Ledger", "input_fingerprint", "ledger_record", "load_done_ids", "read_ledger"]
+__all__ = ["LEDGER_GLOB", "Ledger", "input_fingerprint", "ledger_record", "load_done_ids", "read_ledger"]
 
 logger = logging.getLogger("novita_async")
 
+
+#: The ledgers of one output folder: ``ledger.jsonl``, ``ledger.shard-K-of-N.jsonl``...
+LEDGER_GLOB = "ledger*.jsonl"
 
 #: The API's reason for a refusal that depends only on the two images.
 NO_FACE = "IMAGE_NO_FACE_DETECTED"
@@ -101,15 +108,32 @@ class Ledger:
         self._done: set[str] = set()
         # Jobs whose last line is "no face", with their inputs as they were then.
         self._no_face: dict[str, tuple[list[list[int]], str]] = {}
-        for job_id, record in read_ledger(self.path).items():
-            if record.get("status") == JobStatus.OK:
-                self._done.add(job_id)
-            elif record.get("error_reason") == NO_FACE and isinstance(record.get("inputs"), list):
-                self._no_face[job_id] = (record["inputs"], str(record.get("error_message") or ""))
+        siblings = [p for p in sorted(self.path.parent.glob(LEDGER_GLOB)) if not _same_file(p, self.path)]
+        elsewhere: set[str] = set()
+        for sibling in siblings:
+            elsewhere |= self._load(sibling)
+        #: Jobs only the other ledgers of the folder record as done.
+        self.from_siblings = len(elsewhere - self._load(self.path))
+        if self.from_siblings:
+            logger.info("%d job(s) done according to the other ledgers in %s (%s): not sent again",
+                        self.from_siblings, self.path.parent, ", ".join(p.name for p in siblings))
         # Unbuffered binary append: each record is one write(2), never interleaved.
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._repair_torn_tail()
         self.lines_written = 0
+
+    def _load(self, path: Path) -> set[str]:
+        """Take in a ledger's records; return the ids it has done."""
+        done = set()
+        for job_id, record in read_ledger(path).items():
+            if record.get("status") == JobStatus.OK:
+                done.add(job_id)
+                self._done.add(job_id)  # done in any ledger is done
+                self._no_face.pop(job_id, None)
+            elif (job_id not in self._done and record.get("error_reason") == NO_FACE
+                  and isinstance(record.get("inputs"), list)):
+                self._no_face[job_id] = (record["inputs"], str(record.get("error_message") or ""))
+        return done
 
     def _repair_torn_tail(self) -> None:
         # A crash mid-line leaves no newline at the end; start on a fresh line
@@ -159,3 +183,10 @@ class Ledger:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # b not created yet
+        return os.path.abspath(a) == os.path.abspath(b)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from novita_async._jobs import JobStatus, MergeJob
-from novita_async._ledger import read_ledger
+from novita_async._ledger import LEDGER_GLOB, read_ledger
 from novita_async._manifest import BadRow, read_manifest
 from novita_async._shard import assign_id
 
@@ -135,7 +135,7 @@ def ledger_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for item in paths:
         path = Path(item)
         if path.is_dir():
-            files.extend(sorted(path.glob("ledger*.jsonl")))
+            files.extend(sorted(path.glob(LEDGER_GLOB)))
         else:
             files.append(path)
     return files

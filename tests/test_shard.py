@@ -253,6 +253,34 @@ def test_cli_shards_do_every_job_once_and_resume_per_shard(
     assert "left 0 (0 never run" in text
 
 
+def test_a_run_with_other_shards_or_none_sends_nothing_the_folder_s_ledgers_record_done(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finishing shard 0/2's folder without --shard sends only what it left; three shards done,
+    then `--shard 0/2` (the worker count changed) sends nothing: every ledger of the folder counts."""
+    manifest = csv_manifest(tmp_path, 20)
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, *_batch(emu, manifest, out, "--shard", "0/2"))
+    assert code == 0, err
+    first = emu.stats.requests
+    assert 0 < first < 20
+    code, text, err = _run(capsys, *_batch(emu, manifest, out))
+    assert code == 0, err
+    assert emu.stats.requests == 20  # the rest, once each
+    assert f"skipped {first}" in text + err
+
+    again = tmp_path / "again"
+    for k in range(3):
+        assert _run(capsys, *_batch(emu, manifest, again, "--shard", f"{k}/3"))[0] == 0
+    sent = emu.stats.requests
+    for k in range(2):
+        code, _, err = _run(capsys, *_batch(emu, manifest, again, "--shard", f"{k}/2"))
+        assert code == 0, err
+    assert emu.stats.requests == sent
+    code, text, _ = _run(capsys, "status", again, "--manifest", manifest)
+    assert "left 0 (0 never run" in text
+
+
 def test_cli_shard_paces_at_its_share(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
