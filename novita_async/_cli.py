@@ -80,11 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge faces with Novita's Merge Face API, one at a time or in bulk.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log more (-v: retries and pacing, -vv: every request)")
+    verbose_help = "log more (-v: retries and pacing, -vv: every request)"
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+    # Also after the command (`batch ... -v`); SUPPRESS keeps a -v given before it.
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=verbose_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    merge = sub.add_parser("merge", help="merge one face into one image",
+    merge = sub.add_parser("merge", parents=[verbosity], help="merge one face into one image",
                            description="Put the face from FACE onto the face in IMAGE.")
     merge.add_argument("face", metavar="FACE", help="image with the face to put in")
     merge.add_argument("image", metavar="IMAGE", help="image that receives the face")
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(merge)
 
     batch = sub.add_parser(
-        "batch", help="merge many pairs from a manifest or two folders",
+        "batch", parents=[verbosity], help="merge many pairs from a manifest or two folders",
         description="Run a batch: every job ends in the ledger as ok or failed; re-running resumes.",
     )
     batch.add_argument("manifest", nargs="?", metavar="MANIFEST",
@@ -121,14 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --shard: pace this worker at R per minute instead of rpm/N")
     _add_client_options(batch)
 
-    serve = sub.add_parser("serve", help="run the local emulator of the API",
+    serve = sub.add_parser("serve", parents=[verbosity], help="run the local emulator of the API",
                            description="Serve a local emulator of the Merge Face API (offline).")
     from novita_async.emulator._cli import add_serve_options
 
     add_serve_options(serve)
 
     status = sub.add_parser(
-        "status", help="summarise a run from its ledgers (all shards at once)",
+        "status", parents=[verbosity], help="summarise a run from its ledgers (all shards at once)",
         description="One summary across ledgers: done, failed by reason, not attempted, and with "
                     "--manifest (or --faces and --images) the jobs left. Reads only; safe while workers run.",
     )
@@ -141,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how that run paired the folders (default: zip)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    demo = sub.add_parser("demo", help="run a batch against a local emulator, offline",
+    demo = sub.add_parser("demo", parents=[verbosity], help="run a batch against a local emulator, offline",
                           description="Start the emulator, make sample inputs, run a batch, write a contact sheet.")
     demo.add_argument("--jobs", type=_AT_LEAST_ONE, default=24, metavar="N", help="jobs to run (default: 24)")
     demo.add_argument("-o", "--output-dir", default="novita-demo", metavar="DIR",

@@ -613,3 +613,13 @@ def test_help_exits_0(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     assert "usage: novita-async " + command in capsys.readouterr().out
 
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["-v", "batch", "m.csv", "-o", "out"], id="before-the-command"),
+    pytest.param(["batch", "m.csv", "-o", "out", "-v"], id="after-the-command"),
+    pytest.param(["status", "out", "-v"], id="status"),
+])
+def test_verbose_goes_before_or_after_the_command(argv: list[str]) -> None:
+    """`-v` is read wherever it is put; without it the level stays 0."""
+    assert build_parser().parse_args(argv).verbose == 1
+    assert build_parser().parse_args([a for a in argv if a != "-v"]).verbose == 0
