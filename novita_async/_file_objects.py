@@ -8,10 +8,13 @@ moves the position another relies on; any other seekable object (``BytesIO``,
 a wrapper) is read under a lock of its own, each read seeking to its place and
 back.  A stream that cannot seek (a pipe, a socket) is read whole, once; a
 second call given the same stream is refused rather than sent an empty image.
+An async file object (``anyio.open_file``, ``aiofiles``) is refused up front:
+its methods answer coroutines, which only the caller's event loop can run.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import stat
@@ -104,7 +107,7 @@ class _FileObjectSource(ImageSource):
         with self.lock:
             self.handle.seek(self.start + offset)
             try:
-                return self.handle.read(count)
+                return self.handle.read(count) or b""  # a raw stream may answer None
             finally:
                 self.handle.seek(self.start)
 
@@ -164,6 +167,11 @@ def _plain_file_descriptor(handle: object) -> int | None:
     return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
 
+def _is_async_file(value: object) -> bool:
+    """Whether a file object's methods are coroutine functions (an async file)."""
+    return any(inspect.iscoroutinefunction(getattr(value, name, None)) for name in ("read", "seek", "tell"))
+
+
 def file_object_source(value: object, input_name: str, description: str) -> ImageSource:
     """The source for a binary file object: measured where it stands, never left moved."""
 
@@ -173,6 +181,15 @@ def file_object_source(value: object, input_name: str, description: str) -> Imag
             input_name=input_name, source=description, rule=rule,
         )
 
+    def refuse_async(result: object = None) -> InvalidImageError:
+        if inspect.iscoroutine(result):
+            result.close()  # never awaited, on purpose: no "never awaited" warning
+        return fail("type", f"it is an async file object ({type(value).__name__}); the client reads "
+                            "only sync ones",
+                    "Pass the path, a sync binary file (open(path, 'rb')) or its bytes (await f.read()).")
+
+    if _is_async_file(value):
+        raise refuse_async()
     handle: IO[bytes] = value  # type: ignore[assignment]  # duck-typed file object
     if getattr(handle, "closed", False) is True:
         raise fail("unreadable", "the file object is closed",
@@ -193,6 +210,8 @@ def file_object_source(value: object, input_name: str, description: str) -> Imag
             lock = _lock_for(handle)
             with lock:
                 start = handle.tell()
+                if inspect.isawaitable(start):  # an async file that _is_async_file missed
+                    raise refuse_async(start)
                 end = handle.seek(0, io.SEEK_END)
                 handle.seek(start)
             return _FileObjectSource(input_name, description, handle, start, max(0, end - start),
@@ -200,6 +219,8 @@ def file_object_source(value: object, input_name: str, description: str) -> Imag
         # A pipe cannot be measured or replayed: take it in once.
         with _lock_for(handle):
             data = handle.read()
+            if inspect.isawaitable(data):  # an async file that _is_async_file missed
+                raise refuse_async(data)
             first = _remember_consumed(handle)
     except InvalidImageError:
         raise

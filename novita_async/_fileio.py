@@ -125,8 +125,10 @@ def _on_local_filesystem(folder: str) -> bool | None:
     """Whether ``folder`` is on a file system known to be local; None if it cannot be looked up (blocking)."""
     try:
         device = os.stat(folder).st_dev
-    except OSError:
-        return None  # not there yet (an output folder before its first result), or not ours
+    except (OSError, ValueError):
+        # Not there yet (an output folder before its first result), not ours,
+        # or a name no folder can have (a NUL: ValueError).
+        return None
     return _filesystem_type(device) in _LOCAL_TYPES
 
 

@@ -97,10 +97,12 @@ def find_damage(fmt: str, stream: BinaryIO, start: int, size: int, head: bytes) 
         if tail.endswith(_JPEG_EOI) or _jpeg_image_ends_early(stream, start, size):
             return None
         return "it does not end with the JPEG end-of-image marker (FF D9)"
-    # RIFF's size field counts everything after the first 8 bytes; a writer may
-    # add one pad byte to make the file's length even.
+    # RIFF's size field counts everything after the first 8 bytes.  Bytes after
+    # that (a writer's pad byte, a tool's trailer) are ignored, as after a PNG's
+    # IEND or a JPEG's EOI: libwebp (Pillow's decoder, and most servers') reads
+    # only the declared size.  Only a file that ends before it is incomplete.
     declared = struct.unpack_from("<I", head, 4)[0] + 8
-    if declared <= size <= declared + 1:
+    if size >= declared:
         return None
     return f"its RIFF header declares {declared} bytes but the file has {size}"
 

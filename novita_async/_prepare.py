@@ -36,6 +36,10 @@ def _path_folders(inputs: tuple[tuple[object, str], ...], output: Path | None) -
     for value, _ in inputs:
         if not isinstance(value, (str, os.PathLike)):
             return None
+        if "\0" in os.fsdecode(os.fspath(value)):
+            # No folder has that name (looking one up raises ValueError): the
+            # check, in a worker thread, refuses the path and names the input.
+            return None
         folders.append(folder_of(value))
     if output is not None:
         folders.append(folder_of(output))

@@ -4,8 +4,14 @@ An upload needs its exact length before the first byte goes out (so the
 request has a Content-Length and no chunked encoding) and must be readable
 once per attempt.  Each kind of input the client accepts becomes one
 :class:`ImageSource`: files on disk here, in-memory bytes in ``_source_base``,
-a caller's file objects in ``_file_objects``; validation and resizing live in
+a caller's file objects in ``_file_objects``, PIL images encoded here (one
+image object may feed many concurrent calls); validation and resizing live in
 ``_images``.
+
+A ``str`` is always a path.  Text that cannot be one (empty, with a NUL) is
+refused by name, and a path that is not found but looks like an image's
+content (base64, as an older SDK took it) gets a hint to pass bytes; messages
+show at most a few hundred characters of it.
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import itertools
 import os
+import re
 import stat
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO, TypeVar, Union
+from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar, Union
 
 import anyio.to_thread
 
@@ -38,10 +47,25 @@ from novita_async._source_base import (
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["ImageInput", "ImageSource", "buffer_source", "close_sources", "describe_input"]
+__all__ = ["BinaryReader", "ImageInput", "ImageSource", "buffer_source", "close_sources", "describe_input"]
+
+
+class BinaryReader(Protocol):
+    """A sync binary file object, as the client reads one: ``read(size)`` gives bytes.
+
+    That is all it needs: ``seek`` and ``tell`` are used when the object has
+    them (it is then read from its position by every attempt, see
+    ``_file_objects``), and a stream without them is read once.  ``open(path,
+    "rb")``, ``BytesIO``, ``GzipFile``, a ``zipfile`` member and raw
+    ``io.RawIOBase`` streams all fit (a raw stream's ``read`` may answer
+    None, which is taken as no data); text files and async files do not.
+    """
+
+    def read(self, size: int = -1, /) -> bytes | None: ...
+
 
 #: What ``merge_face`` accepts for each image.
-ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], "Image.Image"]
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryReader, "Image.Image"]
 
 T = TypeVar("T")
 
@@ -200,10 +224,27 @@ def close_sources(sources: Iterable[ImageSource]) -> None:
             source.close()
 
 
+#: Longest path shown whole in messages (characters); a longer one is cut in the middle.
+_SHOWN_CHARS = 200
+
+
+def _shown(text: str) -> str:
+    """A path as messages show it: control characters escaped, a very long one cut.
+
+    A ``str`` is always a path, but callers pass other text too (an image's
+    base64, as an older SDK took it; bytes decoded to str): a message, and
+    the ledger line that records it, must not carry megabytes of it.
+    """
+    if len(text) > _SHOWN_CHARS:
+        return f"{_shown(text[:120])}...{_shown(text[-40:])} ({len(text)} characters)"
+    return text if text.isprintable() else repr(text)
+
+
 def describe_input(value: object) -> str:
     """A short description of an input for messages; never its contents."""
     if isinstance(value, (str, os.PathLike)):
-        return os.fspath(value) if isinstance(os.fspath(value), str) else repr(value)
+        text = os.fspath(value)
+        return _shown(text) if isinstance(text, str) else repr(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f"{type(value).__name__} ({memoryview(value).nbytes} bytes)"
     name = getattr(value, "name", None)
@@ -220,8 +261,67 @@ def _is_pil_image(value: object) -> bool:
     return isinstance(value, Image.Image)
 
 
+@dataclass(eq=False)
+class _SharedEncode:
+    """The calls encoding one PIL image object right now (see :func:`_encode_pil`)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Calls holding this entry; the last one out removes it.
+    users: int = 0
+    #: The latest encode's bytes, and the ticket it took as it began.
+    data: bytes | None = None
+    begun: int = -1
+
+
+#: PIL images being encoded now, by id(): an entry lives only while a call is
+#: using the image, which keeps the image alive, so its id is not reused
+#: meanwhile.  (By id: Pillow's images define __eq__, so they are unhashable.)
+_ENCODING: dict[int, _SharedEncode] = {}
+#: Guards _ENCODING, each entry's ``users`` and the tickets (encodes run in worker threads).
+_ENCODING_LOCK = threading.Lock()
+#: One sequence orders every call's request and every encode's start.
+_TICKETS = itertools.count()
+
+
 def _encode_pil(image: Image.Image) -> bytes:
-    """Encode a Pillow image for upload: JPEG stays JPEG, everything else PNG."""
+    """Encode a Pillow image for upload (blocking); concurrent calls may share the image object.
+
+    Pillow is not safe for two threads on one image object: a lazily opened
+    image (``Image.open``) is read from its file on first use, which is then
+    closed, and ``save`` keeps its options on the image object.  So the calls
+    given one image object take turns under its lock, and none copies it.
+    A call that had to wait takes the bytes of an encode that began after it
+    asked: made while that call was in flight, of the image as it was then,
+    they are what its own encode would have sent.  A wave of concurrent calls
+    (one face onto many photos) thus encodes the image at most twice, not once
+    per call.  Nothing is kept once no call is using the image, so a change
+    made to it between calls is always sent.
+    """
+    key = id(image)
+    with _ENCODING_LOCK:
+        shared = _ENCODING.get(key)
+        if shared is None:
+            shared = _ENCODING[key] = _SharedEncode()
+        shared.users += 1
+        asked = next(_TICKETS)
+    try:
+        with shared.lock:
+            if shared.data is not None and shared.begun > asked:
+                return shared.data
+            with _ENCODING_LOCK:
+                begun = next(_TICKETS)
+            data = _encode_pil_now(image)
+            shared.data, shared.begun = data, begun
+            return data
+    finally:
+        with _ENCODING_LOCK:
+            shared.users -= 1
+            if not shared.users:
+                del _ENCODING[key]
+
+
+def _encode_pil_now(image: Image.Image) -> bytes:
+    """Encode a Pillow image for upload: JPEG stays JPEG, everything else PNG (the caller holds its lock)."""
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -237,22 +337,70 @@ def _encode_pil(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _stat_path(path: Path, input_name: str, description: str) -> int:
+#: Text of base64's alphabets (standard and URL-safe), once whitespace is taken out.
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
+#: How the base64 of a PNG, a JPEG and a WebP begins.
+_IMAGE_BASE64_STARTS = ("iVBORw0KGgo", "/9j/", "UklGR")
+
+
+def _content_hint(text: str) -> str:
+    """A hint for a path that holds an image's content rather than a path; "" when it does not look so.
+
+    An older SDK took images as base64 strings, and bytes decoded to str
+    turn up too; a ``str`` is always a path here, never guessed to be data.
+    """
+    fix = " A str is always a path; to send an image's content, pass it as bytes"
+    if text[:5].lower() == "data:":
+        return f"{fix} (for a data: URL, base64.b64decode(url.partition(',')[2]))."
+    compact = "".join(text.split())
+    if (len(compact) >= 64 or compact.startswith(_IMAGE_BASE64_STARTS)) and _BASE64_TEXT.fullmatch(compact):
+        return f"{fix} (if it is base64 text, base64.b64decode(text))."
+    if "\0" in text:
+        return f"{fix}."
+    return ""
+
+
+def _path_fail(input_name: str, description: str, hint: str) -> Callable[[str, str, str], InvalidImageError]:
+    """The error maker for a path's problems: names the input, the problem, the fix and ``hint``."""
+
     def fail(rule: str, what: str, fix: str) -> InvalidImageError:
         return InvalidImageError(
-            f"{input_name} ({description}): {what} [rule {rule}]. {fix}",
+            f"{input_name} ({description}): {what} [rule {rule}]. {fix}{hint}",
             input_name=input_name, source=description, rule=rule,
         )
+
+    return fail
+
+
+def _path_of(text: str, input_name: str, description: str) -> Path:
+    """``text`` as a path, refusing text no file can be named by (rule ``invalid_path``)."""
+    if not text:
+        # Path("") is ".", the current folder: say what was really given.
+        raise _path_fail(input_name, "''", "")(
+            "invalid_path", "the path is an empty string", "Pass the path of an image file.")
+    if "\0" in text:
+        # os.stat would raise a bare ValueError ("embedded null byte").
+        raise _path_fail(input_name, description, _content_hint(text))(
+            "invalid_path", "the path contains a NUL character, so it cannot name a file",
+            "Pass the path of an image file.")
+    return Path(text)
+
+
+def _stat_path(path: Path, input_name: str, description: str) -> int:
+    fail = _path_fail(input_name, description, "")
+
+    def missing(rule: str, what: str, fix: str) -> InvalidImageError:
+        return _path_fail(input_name, description, _content_hint(str(path)))(rule, what, fix)
 
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise fail("not_found", "no such file",
-                   "Check the path (relative paths resolve against the current folder).") from None
+        raise missing("not_found", "no such file",
+                      "Check the path (relative paths resolve against the current folder).") from None
     except PermissionError:
         raise fail("unreadable", "permission denied", "Make the file readable by this user.") from None
     except OSError as exc:
-        raise fail("unreadable", f"cannot be read ({exc.strerror})", "Check the path.") from None
+        raise missing("unreadable", f"cannot be read ({exc.strerror})", "Check the path.") from None
     if stat.S_ISDIR(info.st_mode):  # from the stat just made: no second one
         raise fail("not_a_file", "is a directory, not an image file", "Pass the path of an image file.")
     if not os.access(path, os.R_OK):
@@ -263,13 +411,22 @@ def _stat_path(path: Path, input_name: str, description: str) -> int:
 def _source_sync(value: object, input_name: str, files: FileCalls = THREADS_ONLY) -> ImageSource:
     description = describe_input(value)
     if isinstance(value, (str, os.PathLike)):
-        path = Path(os.fspath(value))
+        path = _path_of(os.fsdecode(os.fspath(value)), input_name, description)
         return _PathSource(input_name, description, path, _stat_path(path, input_name, description),
                            files)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return BufferSource(input_name, description, memoryview(value))
     if _is_pil_image(value):
-        data = _encode_pil(value)  # type: ignore[arg-type]  # checked by _is_pil_image
+        try:
+            data = _encode_pil(value)  # type: ignore[arg-type]  # checked by _is_pil_image
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            # A closed image, or a lazily opened one whose file is cut short or gone.
+            raise InvalidImageError(
+                f"{input_name} ({description}): the PIL image cannot be read or encoded "
+                f"({type(exc).__name__}: {exc}) [rule unreadable]. Pass it while it is open "
+                "(inside its 'with' block), or pass the file's path.",
+                input_name=input_name, source=description, rule="unreadable",
+            ) from exc
         return BufferSource(input_name, f"PIL image ({len(data)} bytes encoded)", memoryview(data))
     if isinstance(value, io.TextIOBase):
         raise InvalidImageError(

@@ -669,8 +669,7 @@ async def test_file_object_whose_descriptor_is_not_its_content(
         writer.write(FACE)
     async with client_for(emulator) as client:
         with gzip.open(packed, "rb") as handle:
-            # typeshed's GzipFile is not an IO[bytes], though it reads like one.
-            await client.merge_face(handle, TARGET)  # type: ignore[arg-type]
+            await client.merge_face(handle, TARGET)
     assert emulator.stats.successes == {job_key(FACE, TARGET): 1}
 
 
