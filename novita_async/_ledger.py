@@ -5,9 +5,11 @@ last line says ``ok`` and whose output still exists.  The other ledgers
 beside it (``ledger*.jsonl`` in its folder: the shards of the same run, or a
 run under another ledger name) count too, read only: a job one of them
 finished is done, as ``status`` counts it, so finishing a crashed shard's work
-from another worker, or changing the number of shards, sends nothing twice.  A job the API found no
-face in keeps its input files' sizes and modification times on its line, so a
-re-run can tell that sending it again would get the same answer.  Each line is written
+from another worker, or changing the number of shards, sends nothing twice.
+
+A job the API found no face in keeps its input files' sizes and modification
+times on its line, so a re-run can tell that sending it again would get the
+same answer.  Each line is written
 with one ``write`` on an append-mode file and flushed at once, so a crash can
 lose at most the line being written (a torn last line is ignored on load).
 """
