@@ -23,7 +23,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Sized
-from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,6 @@ import anyio.to_thread
 
 from novita_async._client import send_gate
 from novita_async._errors import (
-    ConfigurationError,
     DuplicateJobError,
     JobNotAttemptedError,
     NoFaceFoundBeforeError,
@@ -48,13 +46,12 @@ from novita_async._jobs import (
     MergeJob,
     is_fatal,
     job_identity,
-    output_extension,
-    type_of_output,
 )
 from novita_async._jobstream import END, JobStream
 from novita_async._ledger import Ledger
 from novita_async._manifest import BadRow
 from novita_async._output import sweep_stale_temp_files
+from novita_async._places import JobPlaces
 from novita_async._resume import fingerprint_before_upload, settled_before
 from novita_async._summary import BatchSummary, Progress
 
@@ -65,12 +62,9 @@ __all__ = ["BatchRun"]
 
 logger = logging.getLogger("novita_async")
 
+
 class _Interrupted(Exception):
     """Raised at a job's send gate after a graceful stop: the job is left for a re-run."""
-
-
-def _safe_name(job_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.@+=" else "_" for c in job_id)[:200] or "job"
 
 
 class _Engine:
@@ -119,11 +113,7 @@ class _Engine:
         self._group: anyio.abc.TaskGroup | None = None
         self._progress: Progress | None = None
         self.source_error: BaseException | None = None
-        # Every id and output path this run has taken (about 100 bytes each),
-        # so a repeated job is refused instead of done twice or written over
-        # another job's result.
-        self._seen_ids: set[str] = set()
-        self._claimed_outputs: set[str] = set()
+        self._places = JobPlaces(output_dir, ledger, response_image_type)
 
     def stop(self) -> None:
         if not self._stopping:
@@ -219,74 +209,21 @@ class _Engine:
         if not isinstance(item, MergeJob):
             error = TypeError(f"batch jobs must be MergeJob objects, got {type(item).__name__}")
             return JobResult(job=MergeJob("", "", id=f"job-{index}"), status=JobStatus.FAILED, error=error)
-        job_id = job_identity(item, index)
-        job = item.with_id(job_id)
-        output = self._output_for(job)
-        refused = self._refused_output(job, output)
+        job, output, refused = self._places.place(item, index)
         if refused is not None:
-            return JobResult(job=job, status=JobStatus.FAILED, error=refused, output=output)
-        if output is not None and job.response_image_type is None:
-            # A result named x.jpg is a JPEG whatever the batch's default type.
-            job = replace(job, response_image_type=type_of_output(output))
-        duplicate = self._claim(job_id, output)
-        if duplicate is not None:
-            return JobResult(job=job, status=JobStatus.FAILED, error=duplicate)
+            # No output in its record: it is not this job's to report.
+            return JobResult(job=job, status=JobStatus.FAILED, error=refused)
         return self._settled(job, output) or (job, output)
 
     def _settled(self, job: MergeJob, output: Path | None) -> JobResult | None:
         return settled_before(self._ledger, job, output, resend_no_face=self._resend_no_face)
-
-    def _claim(self, job_id: str, output: Path | None) -> DuplicateJobError | None:
-        """Take the job's id and output for this run, or say which an earlier job has."""
-        if job_id in self._seen_ids:
-            return DuplicateJobError(
-                f"job {job_id!r} repeats the id of an earlier job in this run, so it was not sent "
-                "(the earlier job's result stands); give each job its own id", job_id=job_id)
-        # One spelling per file: "out/a.png" and "out/./a.png" are the same output.
-        where = os.path.normcase(os.path.abspath(output)) if output is not None else None
-        if where is not None and where in self._claimed_outputs:
-            return DuplicateJobError(
-                f"job {job_id!r} would write {output}, the output of an earlier job in this run, so it "
-                "was not sent; give it its own output (ids that differ only in characters other than "
-                "letters, digits and -_.@+= give the same file name)", job_id=job_id, output=str(output))
-        self._seen_ids.add(job_id)
-        if where is not None:
-            self._claimed_outputs.add(where)
-        return None
-
-    def _refused_output(self, job: MergeJob, output: Path | None) -> ConfigurationError | None:
-        """Why the job's own output cannot be written, or None: it is the ledger, or not what it is named."""
-        if output is None or job.output is None:
-            return None
-        if self._ledger_path is not None and os.path.normcase(os.path.abspath(output)) == os.path.normcase(
-                os.path.abspath(self._ledger_path)):
-            return ConfigurationError(f"job {job.id!r} would write its result over the ledger {output}; "
-                                      "give it another output")
-        implied = type_of_output(output)
-        if output.suffix and implied is None:
-            return ConfigurationError(f"job {job.id!r}: output {str(output)!r} is not an image file name; "
-                                      "end it in .png, .jpg, .jpeg or .webp")
-        if implied is not None and job.response_image_type not in (None, implied):
-            return ConfigurationError(f"job {job.id!r}: output {str(output)!r} names a {implied} file but "
-                                      f"response_image_type is {job.response_image_type}; make them agree")
-        return None
-
-    def _output_for(self, job: MergeJob) -> Path | None:
-        if job.output is not None:
-            path = Path(job.output)
-            return self.output_dir / path if self.output_dir is not None and not path.is_absolute() else path
-        if self.output_dir is None:
-            return None
-        assert job.id is not None
-        ext = output_extension(job.response_image_type or self.response_image_type)
-        return self.output_dir / f"{_safe_name(job.id)}.{ext}"
 
     def _not_attempted(self, item: Any, index: int) -> JobResult:
         """The record of a job the stopped batch will not send; a job an earlier run
         settled keeps that outcome (a "not attempted" line would write over it)."""
         if isinstance(item, MergeJob):
             job = item.with_id(job_identity(item, index))
-            output = self._output_for(job)
+            output = self._places.output_for(job)
         else:
             job, output = MergeJob("", "", id=getattr(item, "id", None) or f"job-{index}"), None
         error = JobNotAttemptedError(f"not attempted: the batch stopped early ({self.summary.stop_reason})",

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from novita_async._sources import ImageInput
 
 __all__ = [
-    "JobResult", "JobStatus", "MergeJob", "hash_id", "is_fatal", "job_identity", "output_extension", "type_of_output",
+    "JobResult", "JobStatus", "MergeJob", "hash_id", "is_fatal", "job_identity", "output_extension",
+    "output_name_problem", "type_of_output",
 ]
 
 #: File extension for each response type.
@@ -35,6 +36,23 @@ _TYPE_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "web
 def type_of_output(path: str | os.PathLike[str]) -> str | None:
     """The response image type an output's extension names (``x.jpg`` -> ``jpeg``), or None."""
     return _TYPE_OF_SUFFIX.get(PurePath(path).suffix.lower())
+
+
+def output_name_problem(output: str | os.PathLike[str], image_type: str | None) -> str | None:
+    """Why a result of ``image_type`` (None: not chosen) cannot be named ``output``, or None.
+
+    A file's content must be what its name says: a JPEG named ``.png``, or a
+    result named ``.jsonl`` (over a ledger), misleads every program that
+    opens it.  A name with no extension says nothing, and may hold any type.
+    """
+    if not PurePath(output).suffix:
+        return None
+    implied = type_of_output(output)
+    if implied is None:
+        return f"output {str(output)!r} is not an image file name; end it in .png, .jpg, .jpeg or .webp"
+    if image_type is not None and image_type != implied:
+        return f"output {str(output)!r} names a {implied} file but response_image_type is {image_type}; make them agree"
+    return None
 
 
 @dataclass(frozen=True)

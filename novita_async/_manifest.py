@@ -26,7 +26,7 @@ from typing import Any
 
 from novita_async._config import RESPONSE_IMAGE_TYPES
 from novita_async._errors import NovitaError
-from novita_async._jobs import MergeJob, hash_id, output_extension, type_of_output
+from novita_async._jobs import MergeJob, hash_id, output_extension, output_name_problem, type_of_output
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -113,17 +113,11 @@ def _row_to_job(fields: dict[str, Any], row: int, base: Path, where: str) -> Mer
     if image_type is not None and image_type not in RESPONSE_IMAGE_TYPES:
         return bad(f"response_image_type {image_type!r} is not one of {', '.join(RESPONSE_IMAGE_TYPES)}",
                    "bad_type")
-    if output is not None and PurePath(output).suffix:
-        # The file's content must be what its name says: a JPEG named .png (or
-        # a result named .jsonl, over a ledger) misleads every program that opens it.
-        implied = type_of_output(output)
-        if implied is None:
-            return bad(f"output {output!r} is not an image file name; end it in .png, .jpg, .jpeg or .webp",
-                       "bad_output")
-        if image_type is not None and image_type != implied:
-            return bad(f"output {output!r} names a {implied} file but response_image_type is {image_type}; "
-                       "make them agree (or leave response_image_type empty)", "bad_output")
-        image_type = implied  # over the batch's default type (--type)
+    if output is not None:
+        problem = output_name_problem(output, image_type)
+        if problem is not None:
+            return bad(problem, "bad_output")
+        image_type = image_type or type_of_output(output)  # over the batch's default type (--type)
     face_path, image_path = _resolve(base, face), _resolve(base, image)
     for name, value, path in (("face_image", face, face_path), ("image", image, image_path)):
         if os.path.isdir(path):  # it exists: "not found" would send the user looking in vain
