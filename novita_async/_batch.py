@@ -216,7 +216,8 @@ class _Engine:
         return self._settled(job, output) or (job, output)
 
     def _settled(self, job: MergeJob, output: Path | None) -> JobResult | None:
-        return settled_before(self._ledger, job, output, resend_no_face=self._resend_no_face)
+        return settled_before(self._ledger, job, output, resend_no_face=self._resend_no_face,
+                              summary=self.summary)
 
     def _not_attempted(self, item: Any, index: int) -> JobResult:
         """The record of a job the stopped batch will not send; a job an earlier run
@@ -248,13 +249,16 @@ class _Engine:
 
     async def _run_job(self, send: Handoff[JobResult], index: int, job: MergeJob,
                        output: Path | None) -> None:
+        record = None
         try:
             if self._ledger is not None:
                 self._sent_inputs[job.id or ""] = await fingerprint_before_upload(self._client._files, job)
             record = await self._attempt_job(job, output)
             await self._emit(send, index, record)
         finally:
-            self._sent_inputs.pop(job.id or "", None)
+            # A result held by the consumer has its line (and fingerprint) written later.
+            if record is None or not self._held_by_consumer(record):
+                self._sent_inputs.pop(job.id or "", None)
             self._slots.release()
 
     async def _attempt_job(self, job: MergeJob, output: Path | None) -> JobResult | None:
@@ -310,7 +314,7 @@ class _Engine:
         ledger = self._ledger
         if ledger is not None:
             try:
-                ledger.append(result, self._sent_inputs.get(result.job.id or ""))
+                ledger.append(result, self._sent_inputs.pop(result.job.id or "", None))
             except OSError as exc:
                 # Without its ledger a batch cannot resume: stop taking jobs.
                 self._ledger = None

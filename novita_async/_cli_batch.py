@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from novita_async._cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, say, signal_exit
+from novita_async._errors import LedgerInUseError
 from novita_async._jobs import JobResult, JobStatus, MergeJob
 from novita_async._manifest import BadRow, ManifestError
 
@@ -45,7 +46,11 @@ async def run_batch_command(
     total: int | None = None,
     resend_no_face: bool = False,
 ) -> tuple[int, BatchSummary]:
-    """Run a batch as the CLI does: signals, per-failure lines, summary. Returns (exit code, summary)."""
+    """Run a batch as the CLI does: signals, per-failure lines, summary. Returns (exit code, summary).
+
+    Raises:
+        UsageError: The ledger is in use by another run (nothing was sent).
+    """
     run = client.batch(jobs, output_dir=output_dir, ledger=ledger, ordered=ordered,
                        progress=progress, response_image_type=response_image_type, total=total,
                        resend_no_face=resend_no_face)
@@ -77,6 +82,9 @@ async def run_batch_command(
         with scope:
             async for result in run:
                 _report(result)
+    except LedgerInUseError as exc:
+        # Refused before the first job: no summary of a run that did not start.
+        raise UsageError(str(exc)) from None
     except (ManifestError, OSError) as exc:
         # The job stream or the ledger failed part-way; jobs in flight finished.
         failure = str(exc)

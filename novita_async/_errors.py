@@ -4,6 +4,7 @@
 
     NovitaError
     ├── ConfigurationError          bad client settings (no API key, bad URL)
+    │   └── LedgerInUseError            a batch's ledger is held by another run
     ├── ClientClosedError           the client was used after close, or in another event loop
     ├── APIStatusError              the server answered with an error status (carries retry_after)
     │   ├── BadRequestError             400
@@ -48,6 +49,7 @@ __all__ = [
     "InvalidImageError",
     "InvalidResponseError",
     "JobNotAttemptedError",
+    "LedgerInUseError",
     "NoFaceDetectedError",
     "NoFaceFoundBeforeError",
     "NotFoundError",
@@ -81,6 +83,27 @@ class NovitaError(Exception):
 
 class ConfigurationError(NovitaError, ValueError):
     """The client was configured wrongly (for example no API key)."""
+
+
+class LedgerInUseError(ConfigurationError):
+    """A batch's ledger is held by another run that is still going; nothing was sent.
+
+    Two runs on one ledger would both send the same jobs (paying twice) and
+    interleave their lines.  Raised when the batch starts, before any job.
+
+    Attributes:
+        path: The ledger file.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"ledger {path} is in use: another run is using it; wait for it to end, or give each "
+            "run its own ledger (e.g. --shard K/N for workers sharing one job list, or --ledger FILE; "
+            "ledger=... in Python)")
+        self.path = path
+
+    def __reduce__(self) -> tuple[type[LedgerInUseError], tuple[str]]:
+        return type(self), (self.path,)
 
 
 class ClientClosedError(NovitaError, RuntimeError):

@@ -7,11 +7,24 @@ run under another ledger name) count too, read only: a job one of them
 finished is done, as ``status`` counts it, so finishing a crashed shard's work
 from another worker, or changing the number of shards, sends nothing twice.
 
-A job the API found no face in keeps its input files' sizes and modification
-times on its line, so a re-run can tell that sending it again would get the
-same answer.  Each line is written
-with one ``write`` on an append-mode file and flushed at once, so a crash can
-lose at most the line being written (a torn last line is ignored on load).
+A job done or found to have no face keeps its input files' sizes and
+modification times on its line (``inputs``).  A re-run sends a done job again
+when either input now has another size (new data at the same path: the old
+result is not its result), and does not send a "no face" job whose files have
+not changed at all (it would get the same answer).  Sizes only for done jobs:
+copying a dataset or checking it out anew resets every modification time, and
+sending every job again after a copy would cost far more than it saves.
+
+One run at a time writes a ledger: opening it takes an exclusive advisory lock
+(``flock``) on it, held until :meth:`Ledger.close`, so a second run on the same
+file stops with :class:`LedgerInUseError` before it sends anything.  Readers
+(``status``, a shard reading its siblings) take no lock.  Where ``fcntl`` does
+not exist (Windows) there is no lock, and two runs on one ledger are not
+stopped; on a network file system the lock is only as good as its locking.
+
+Each line is written with one ``write`` on an append-mode file and flushed at
+once, so a crash can lose at most the line being written (a torn last line is
+ignored on load).
 """
 
 from __future__ import annotations
@@ -19,11 +32,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from novita_async._errors import LedgerInUseError
 from novita_async._jobs import JobResult, JobStatus, MergeJob
+
+if sys.platform != "win32":
+    import fcntl
 
 __all__ = ["LEDGER_GLOB", "Ledger", "input_fingerprint", "ledger_record", "load_done_ids", "read_ledger"]
 
@@ -98,17 +116,36 @@ def load_done_ids(path: Path) -> set[str]:
 
 
 class Ledger:
-    """An append-only JSONL file of job outcomes.
+    """An append-only JSONL file of job outcomes, locked for this run while open.
 
     Args:
         path: The ledger file; created (with its folder) if missing.
+
+    Raises:
+        LedgerInUseError: Another open :class:`Ledger` (this process or another)
+            holds the file.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Unbuffered binary append: each record is one write(2), never interleaved.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # Locked before anything is read: what this run sees as done stays done.
+            _lock(self._fd, self.path)
+            self._load_all()
+            self._repair_torn_tail()
+        except BaseException:
+            self.close()
+            raise
+        self.lines_written = 0
+
+    def _load_all(self) -> None:
         self._done: set[str] = set()
-        # Jobs whose last line is "no face", with their inputs as they were then.
+        # Input sizes of done jobs whose record has them: (face_image, image).
+        self._done_sizes: dict[str, tuple[int, int]] = {}
+        # Jobs with a "no face" record that still stands, with their inputs as they were then.
         self._no_face: dict[str, tuple[list[list[int]], str]] = {}
         siblings = [p for p in sorted(self.path.parent.glob(LEDGER_GLOB)) if not _same_file(p, self.path)]
         elsewhere: set[str] = set()
@@ -119,22 +156,30 @@ class Ledger:
         if self.from_siblings:
             logger.info("%d job(s) done according to the other ledgers in %s (%s): not sent again",
                         self.from_siblings, self.path.parent, ", ".join(p.name for p in siblings))
-        # Unbuffered binary append: each record is one write(2), never interleaved.
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._repair_torn_tail()
-        self.lines_written = 0
 
     def _load(self, path: Path) -> set[str]:
-        """Take in a ledger's records; return the ids it has done."""
+        """Take in a ledger's records; return the ids it has done.
+
+        Done in any ledger is done.  Across ledgers (the last record per id
+        wins within one), a "no face" record stands beside a done one only
+        when it is for inputs of other sizes: the job was sent again because
+        they changed, and found no face in them.
+        """
         done = set()
         for job_id, record in read_ledger(path).items():
+            inputs = _fingerprint_of(record.get("inputs"))
             if record.get("status") == JobStatus.OK:
                 done.add(job_id)
-                self._done.add(job_id)  # done in any ledger is done
-                self._no_face.pop(job_id, None)
-            elif (job_id not in self._done and record.get("error_reason") == NO_FACE
-                  and isinstance(record.get("inputs"), list)):
-                self._no_face[job_id] = (record["inputs"], str(record.get("error_message") or ""))
+                self._done.add(job_id)
+                if inputs is not None:
+                    self._done_sizes[job_id] = _sizes(inputs)
+                no_face = self._no_face.get(job_id)
+                if no_face is not None and self._done_sizes.get(job_id) in (None, _sizes(no_face[0])):
+                    del self._no_face[job_id]
+            elif record.get("error_reason") == NO_FACE and inputs is not None:
+                done_sizes = self._done_sizes.get(job_id)
+                if job_id not in self._done or (done_sizes is not None and done_sizes != _sizes(inputs)):
+                    self._no_face[job_id] = (inputs, str(record.get("error_message") or ""))
         return done
 
     def _repair_torn_tail(self) -> None:
@@ -151,6 +196,24 @@ class Ledger:
         """Whether an earlier run finished this job successfully."""
         return job_id in self._done
 
+    def changed_input(self, job: MergeJob) -> tuple[str, int, int] | None:
+        """For a done job, the first input whose size differs from its done record's: (name, then, now).
+
+        None when neither differs, or when nothing tells (a record without
+        input sizes, written before they were kept; inputs that are not files
+        or cannot be read now).  Blocking but small: two stats.
+        """
+        then = self._done_sizes.get(job.id or "")
+        if then is None:
+            return None
+        now = input_fingerprint(job)
+        if now is None:
+            return None
+        for name, size_then, (size_now, _mtime) in zip(("face_image", "image"), then, now, strict=True):
+            if size_now != size_then:
+                return name, size_then, size_now
+        return None
+
     def no_face_before(self, job: MergeJob) -> str | None:
         """The earlier "no face" message for this job if neither input file changed since, else None.
 
@@ -165,9 +228,10 @@ class Ledger:
         """Record a finished job (blocking but tiny: one write).
 
         ``inputs`` is the job's :func:`input_fingerprint` from before it was
-        sent; it is kept on a "no face" line, for :meth:`no_face_before`.
+        sent; it is kept on an ``ok`` line (for :meth:`changed_input`) and on
+        a "no face" line (for :meth:`no_face_before`).
         """
-        kept = inputs if result.error_reason == NO_FACE else None
+        kept = inputs if result.status == JobStatus.OK or result.error_reason == NO_FACE else None
         line = json.dumps(ledger_record(result, kept), separators=(",", ":"), default=str) + "\n"
         view = memoryview(line.encode())
         while view:
@@ -178,13 +242,47 @@ class Ledger:
         self.lines_written += 1
         if result.status == JobStatus.OK and result.job.id:
             self._done.add(result.job.id)
+            # Done with the inputs it was sent with: nothing of before holds.
+            self._done_sizes.pop(result.job.id, None)
             self._no_face.pop(result.job.id, None)
 
     def close(self) -> None:
-        """Close the file. Idempotent."""
+        """Close the file, which releases its lock. Idempotent."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _lock(fd: int, path: Path) -> None:
+    """Take the ledger's exclusive advisory lock without waiting, or raise :class:`LedgerInUseError`.
+
+    ``flock`` locks belong to the open file, not to the process: two batches
+    of one process on one ledger exclude each other too.
+    """
+    if sys.platform == "win32":
+        return  # no fcntl: no lock (see the module's docstring)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise LedgerInUseError(str(path)) from None
+    except OSError as exc:
+        # A file system without flock: running unlocked beats refusing to run.
+        logger.warning("cannot lock the ledger %s (%s): another run on it would not be stopped",
+                       path, exc.strerror or exc)
+
+
+def _fingerprint_of(value: Any) -> list[list[int]] | None:
+    """A record's ``inputs`` if it is an :func:`input_fingerprint` (two [size, mtime_ns] pairs), else None."""
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(pair, list) and len(pair) == 2
+                    and all(type(number) is int for number in pair) for pair in value)):
+        return value
+    return None
+
+
+def _sizes(fingerprint: list[list[int]]) -> tuple[int, int]:
+    """The two input sizes of a fingerprint."""
+    return fingerprint[0][0], fingerprint[1][0]
 
 
 def _same_file(a: Path, b: Path) -> bool:

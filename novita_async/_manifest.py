@@ -5,7 +5,8 @@ A row that cannot become a job (a missing value, a bad type, unparseable
 JSON, an image file that is not there) becomes a :class:`BadRow` that the
 batch reports as failed with its row number, and the other rows go on.  A
 manifest that is missing, empty, or whose header lacks a required column is
-refused whole, when it is opened, before any job runs.
+refused whole, when it is opened, before any job runs; so is a CSV with a
+header row but no rows under it.
 
 Job ids are deterministic for a manifest: the row's ``id`` when it has one,
 else a hash of the row's values as written (paths before they are resolved),
@@ -135,14 +136,38 @@ def _row_to_job(fields: dict[str, Any], row: int, base: Path, where: str) -> Mer
 
 
 def _csv_header(path: Path) -> list[str]:
+    """The header of a CSV manifest, checked, once a row follows it (reads up to its first row)."""
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        reader = csv.reader(handle)
         try:
-            header = [h.strip() for h in next(csv.reader(handle))]
+            header = [h.strip() for h in next(reader)]
         except StopIteration:
             raise ManifestError(f"{path}: the manifest is empty; it needs a header row "
                                 f"'{','.join(REQUIRED_COLUMNS)}'") from None
         except csv.Error as exc:
             raise ManifestError(f"{path}: the header row cannot be read: {exc}") from None
+        _check_columns(path, header)
+        if not _has_a_row(reader):
+            # As an empty file is: a run of nothing would pass for a run that did its work.
+            raise ManifestError(f"{path}: the manifest is empty: it has a header row but no rows; "
+                                "add a row per job under it")
+    return header
+
+
+def _has_a_row(reader: Iterator[list[str]]) -> bool:
+    """Whether a CSV reader past the header has a row that is not blank (an unreadable one counts)."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return False
+        except csv.Error:
+            return True  # a bad row is a row: it is reported with its number
+        if any(cell.strip() for cell in row):
+            return True
+
+
+def _check_columns(path: Path, header: list[str]) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise ManifestError(
@@ -155,7 +180,6 @@ def _csv_header(path: Path) -> list[str]:
         # would silently drop every row's output name: say so once.
         logger.warning("%s: column(s) %s are not used (known columns: %s)", path, ", ".join(unknown),
                        ", ".join((*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)))
-    return header
 
 
 def _read_csv(path: Path, header: list[str]) -> Iterator[MergeJob | BadRow]:
@@ -215,8 +239,8 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[MergeJob | BadRow]:
     (failed, with its row number) and the others go on.
 
     Raises:
-        ManifestError: now, if the file is missing, empty, or its header lacks
-            a required column.
+        ManifestError: now, if the file is missing, empty (a CSV with only its
+            header row too), or its header lacks a required column.
 
     Example:
         >>> async for r in client.batch(read_manifest("jobs.csv"), output_dir="out"):  # doctest: +SKIP

@@ -28,6 +28,9 @@ class BatchSummary:
         no_face_before: Of the failed, jobs not sent again because an earlier
             run found no face in their unchanged input files.
         skipped: Jobs already done in an earlier run (resumed).
+        inputs_changed: Jobs done in an earlier run whose input files have
+            another size now (new images at the same paths): not skipped, so
+            sent again (each is also counted by its new outcome).
         not_attempted: Jobs not sent because the batch stopped early.
         retries: Attempts beyond the first, over all jobs.
         stop_reason: Why the batch stopped early, if it did.
@@ -37,6 +40,7 @@ class BatchSummary:
     ok: int = 0
     failed: Counter[str] = field(default_factory=Counter)
     skipped: int = 0
+    inputs_changed: int = 0
     no_face_before: int = 0
     not_attempted: int = 0
     retries: int = 0
@@ -113,6 +117,8 @@ class BatchSummary:
         else:
             parts.append("failed 0")
         parts.append(f"skipped {self.skipped} (resumed)")
+        if self.inputs_changed:
+            parts.append(f"inputs changed {self.inputs_changed} (done before, not skipped)")
         if self.no_face_before:
             parts.append(f"not sent again {self.no_face_before} (no face in an earlier run)")
         if self.not_attempted:
@@ -134,6 +140,7 @@ class BatchSummary:
         """A JSON-ready snapshot."""
         return {
             "ok": self.ok, "failed": dict(self.failed), "skipped": self.skipped,
+            "inputs_changed": self.inputs_changed,
             "no_face_before": self.no_face_before,
             "not_attempted": self.not_attempted, "retries": self.retries,
             "wall_time": round(self.wall_time, 3), "throughput": round(self.throughput, 3),

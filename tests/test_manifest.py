@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 import novita_async as na
+from novita_async._cli import main
 from novita_async._manifest import BadRow, ManifestError
-from novita_async.emulator import Emulator
+from novita_async.emulator import Emulator, EmulatorConfig
 
-from .batch_support import write_csv, write_inputs
+from .batch_support import ThreadedEmulator, write_csv, write_inputs
 from .conftest import FAST_RETRY
 
 pytestmark = pytest.mark.anyio
@@ -260,3 +261,64 @@ def test_manifest_rows_are_read_as_they_are_asked_for(tmp_path: Path, suffix: st
     with manifest.open("a") as handle:
         handle.write(row * 5000)
     assert len(list(rows)) == 5000
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param("face_image,image\n", id="header-only"),
+    pytest.param("\ufeffface_image,image,output", id="header-without-newline"),
+    pytest.param("face_image,image\n\n , \n\n", id="header-and-blank-rows"),
+])
+def test_a_csv_with_a_header_but_no_rows_is_refused_at_once(tmp_path: Path, text: str) -> None:
+    """A CSV with its header row and nothing under it is empty, as an empty file is: refused when opened."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(text, encoding="utf-8")
+    with pytest.raises(ManifestError) as info:
+        na.read_manifest(manifest)
+    assert str(info.value) == (f"{manifest}: the manifest is empty: it has a header row but no rows; "
+                               "add a row per job under it")
+    assert info.value.row is None and info.value.rule == "manifest"
+
+
+def test_a_header_with_only_a_bad_row_is_not_empty(tmp_path: Path) -> None:
+    """One row under the header, even a bad one, is a job: reported as a bad row, not as an empty manifest."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("face_image,image\n\nin/face000.png,\n")
+    [bad] = jobs_of(manifest)
+    assert isinstance(bad, BadRow) and bad.error.rule == "missing_value" and bad.error.row == 3
+
+
+@pytest.mark.parametrize(("name", "text", "says"), [
+    pytest.param("m.csv", "face_image,image\n", "it has a header row but no rows", id="csv-header-only"),
+    pytest.param("m.csv", "", "it needs a header row", id="csv-empty"),
+    pytest.param("m.jsonl", "\n \n", "it needs one JSON object per line", id="jsonl-blank-lines"),
+])
+def test_cli_refuses_an_empty_manifest_with_exit_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, says: str
+) -> None:
+    """`batch` over a manifest without a row: one line naming the file, exit 2; no output folder or ledger."""
+    manifest = tmp_path / name
+    manifest.write_text(text)
+    out = tmp_path / "out"
+    code = main(["batch", str(manifest), "-o", str(out), "--no-progress", "--base-url", "http://127.0.0.1:9",
+                 "--api-key", "sk_test"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"novita-async: error: {manifest}: the manifest is empty") and says in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_rerun_of_a_manifest_whose_rows_are_all_done_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every row done before is not an empty manifest: the re-run skips them all and exits 0."""
+    pairs = write_inputs(tmp_path / "in", 2)
+    manifest = write_csv(tmp_path / "in" / "m.csv", ("face_image", "image"), [(f.name, i.name) for f, i in pairs])
+    with ThreadedEmulator(EmulatorConfig(engine="composite")) as emu:
+        argv = ["batch", str(manifest), "-o", str(tmp_path / "out"), "--no-progress",
+                "--base-url", emu.url, "--api-key", emu.api_key]
+        assert main(argv) == 0
+        capsys.readouterr()
+        assert main(argv) == 0
+        assert emu.stats.requests == 2
+    assert "ok 0, failed 0, skipped 2 (resumed)" in capsys.readouterr().err
