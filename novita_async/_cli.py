@@ -184,9 +184,37 @@ def _merge_type(output: str, asked: str | None) -> str:
     return asked
 
 
+def _folders_to_make(output: str) -> list[Path]:
+    """The folders above ``output`` that do not exist yet, deepest first (blocking)."""
+    missing: list[Path] = []
+    folder = Path(output).absolute().parent
+    try:
+        while not folder.exists() and folder.parent != folder:
+            missing.append(folder)
+            folder = folder.parent
+    except OSError:  # a part that cannot be looked at is none we can make
+        pass
+    return missing
+
+
+def _remove_made_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty (blocking)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue  # never made, or already gone: its parent may still be ours and empty
+        except OSError:
+            return  # not empty (someone else's files), or not ours to remove
+
+
 async def _merge_command(args: argparse.Namespace) -> int:
     image_type = _merge_type(args.output, args.type)
     client = _client_from_args(args)
+    # The call makes -o's missing folders; a run that writes no result takes
+    # them away again, rather than leave empty folders for every failed try.
+    made = _folders_to_make(args.output)
+    written = False
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     terminated = False
@@ -206,6 +234,7 @@ async def _merge_command(args: argparse.Namespace) -> int:
             try:
                 result = await client.merge_face(args.face, args.image, response_image_type=image_type,
                                                  output=args.output)
+                written = True
             except (InvalidImageError, OutputError) as exc:
                 # The inputs or -o (a folder, an unwritable place) are at fault: an input error.
                 raise UsageError(str(exc)) from None
@@ -218,6 +247,9 @@ async def _merge_command(args: argparse.Namespace) -> int:
         say("terminated: no result written")
         return signal_exit(signal.SIGTERM)
     finally:
+        if not written:
+            # Still under the SIGTERM handler: a second SIGTERM cannot cut this short.
+            _remove_made_folders(made)
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGTERM)
     say(f"wrote {result.path} ({result.image_type}, {result.attempts} attempt"
@@ -336,6 +368,16 @@ def _glue_negative_shard(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``novita-async``; returns the exit code."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        # Wherever Ctrl-C lands, parsing the command line included (building
+        # the parser imports the emulator): one line, and the shell's 130.
+        sys.stderr.write("novita-async: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(_glue_negative_shard(sys.argv[1:] if argv is None else argv))
     _configure_logging(args.verbose)
@@ -357,9 +399,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         sys.stderr.write(f"novita-async: error: {in_cli_terms(str(exc))}\n")
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write("novita-async: interrupted\n")
-        return EXIT_INTERRUPTED
     parser.error(f"unknown command {args.command!r}")  # exits with 2
 
 

@@ -10,14 +10,24 @@ session's ``raise_for_status``), gets decoded bodies (whatever the session's
 ``auto_decompress``), runs under the client's time limits (not the session's
 ``timeout``), and sends its own ``Authorization`` and ``Content-Type`` over the
 session's default headers.  The settings a request cannot override are refused
-when the client is built (:func:`check_session`).
+when the client is built (:func:`check_session`); one of them, a session that
+reads ``.netrc`` (``trust_env=True``) where the file has credentials for the
+API's host, depends on the host, and is refused before each request sends
+anything (:func:`refuse_netrc_credentials`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import netrc
+import os
 import re
+import sys
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -34,7 +44,7 @@ from novita_async._errors import (
 )
 from novita_async._output import Sink
 
-__all__ = ["check_session", "read_capped", "send_merge_request"]
+__all__ = ["check_session", "read_capped", "refuse_netrc_credentials", "send_merge_request"]
 
 logger = logging.getLogger("novita_async")
 
@@ -77,7 +87,10 @@ _ABSOLUTE_URL_OVERRIDES_BASE = _major_minor(aiohttp.__version__) >= (3, 12)
 
 
 def check_session(session: aiohttp.ClientSession) -> None:
-    """Refuse a caller's session whose settings no request of ours can override (pure).
+    """Refuse a caller's session whose settings no request of ours can override.
+
+    A session made with ``trust_env=True`` also has its ``.netrc`` read now
+    (the only file access here), for :func:`refuse_netrc_credentials`.
 
     Raises:
         ConfigurationError: the session has an ``auth`` (aiohttp refuses it next
@@ -98,6 +111,103 @@ def check_session(session: aiohttp.ClientSession) -> None:
             f"{aiohttp.__version__} cannot combine with the client's own URL (3.12 can): pass a "
             "session without base_url, and the endpoint as NovitaClient(base_url=...)"
         )
+    if session.trust_env:
+        _NETRC_SEEN[session] = _read_netrc()
+
+
+# -- .netrc ------------------------------------------------------------------------
+#
+# A session made with trust_env=True (for the HTTP(S)_PROXY variables, say) also
+# takes Basic credentials from the user's .netrc for any host the file has an
+# entry for, or every host when it has a "default" entry.  Next to the API key's
+# Authorization header, aiohttp 3.14 refuses the request with a bare ValueError;
+# aiohttp 3.9 to 3.13 silently send the .netrc password in the key's place, to
+# the API, and get an authentication error.  No request option turns the lookup
+# off (auth= takes Basic credentials only), so such a session is refused,
+# naming the entry.
+
+
+@dataclass(frozen=True)
+class _NetrcEntries:
+    """The hosts a ``.netrc`` has credentials for, as aiohttp would find them."""
+
+    path: str
+    hosts: frozenset[str]
+    default: bool
+
+    def covers(self, host: str) -> bool:
+        return host in self.hosts or self.default
+
+
+#: What check_session read for each trust_env session it let through.
+_NETRC_SEEN: weakref.WeakKeyDictionary[aiohttp.ClientSession, _NetrcEntries | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _netrc_path() -> Path | None:
+    """The file aiohttp reads: ``$NETRC``, else ``~/.netrc`` (``~/_netrc`` on Windows)."""
+    named = os.environ.get("NETRC")
+    if named is not None:
+        return Path(named)
+    try:
+        return Path.home() / ("_netrc" if sys.platform == "win32" else ".netrc")
+    except RuntimeError:  # no home directory to be found: aiohttp reads nothing either
+        return None
+
+
+def _read_netrc() -> _NetrcEntries | None:
+    """The entries of the ``.netrc`` aiohttp would read, or None (no file, or one it cannot parse)."""
+    path = _netrc_path()
+    if path is None:
+        return None
+    try:
+        parsed = netrc.netrc(os.fspath(path))
+    except (OSError, netrc.NetrcParseError):
+        return None  # aiohttp logs a warning and sends no credentials
+    hosts = frozenset(name for name in parsed.hosts if name != "default")
+    return _NetrcEntries(os.fspath(path), hosts, "default" in parsed.hosts)
+
+
+def _netrc_error(host: str, entries: _NetrcEntries | None) -> ConfigurationError:
+    if entries is None:
+        found = f"a .netrc file ($NETRC, else ~/.netrc) has credentials for {host!r}"
+    elif host in entries.hosts:
+        found = f"{entries.path} has an entry for {host!r}"
+    else:
+        found = f"{entries.path} has a default entry (for every host)"
+    return ConfigurationError(
+        f"the aiohttp session given has trust_env=True and {found}, whose login aiohttp would "
+        "send in place of the API key (it will not send both); nothing was sent: pass a session "
+        "made with trust_env=False, or remove that entry, or point the NETRC environment "
+        "variable at a file without it"
+    )
+
+
+def refuse_netrc_credentials(session: aiohttp.ClientSession, url: str) -> None:
+    """Refuse to send to ``url`` on a session whose ``.netrc`` has credentials for its host (pure).
+
+    Looks up what :func:`check_session` read; a session it never saw is let through.
+
+    Raises:
+        ConfigurationError: naming the ``.netrc`` entry and the fixes; nothing was sent.
+    """
+    entries = _NETRC_SEEN.get(session)
+    host = urlsplit(url).hostname or ""
+    if session.trust_env and entries is not None and entries.covers(host):
+        raise _netrc_error(host, entries)
+
+
+def _other_credentials_error(session: aiohttp.ClientSession, url: str, exc: ValueError) -> ConfigurationError:
+    """aiohttp's own refusal of our Authorization header next to credentials it found, explained."""
+    if urlsplit(url).username is not None:
+        return ConfigurationError(
+            "the base URL holds a user name (user:password@), which aiohttp will not send beside "
+            "the API key's Authorization header; nothing was sent: give the base URL without it"
+        )
+    if session.trust_env:
+        return _netrc_error(urlsplit(url).hostname or "", None)
+    return ConfigurationError(f"aiohttp refused the request before sending it: {exc}")
 
 
 def _aiohttp_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
@@ -133,6 +243,7 @@ async def send_merge_request(
         # An exact length: aiohttp then sends the generator without chunking.
         "Content-Length": str(body.content_length),
     }
+    refuse_netrc_credentials(session, url)
     logger.debug("POST %s (%d bytes)", url, body.content_length)
     try:
         # raise_for_status and auto_decompress override a caller's session: an
@@ -174,3 +285,11 @@ async def send_merge_request(
             # error; it is local and must not be retried.
             raise body.error from exc
         raise APIConnectionError(f"connection to {url} failed: {type(exc).__name__}: {exc}") from exc
+    except ValueError as exc:
+        # Last: TLS certificate errors are ValueErrors too (ssl.CertificateError).
+        # aiohttp (3.14) refuses, before sending anything, a request whose
+        # Authorization header meets credentials of its own finding: a .netrc
+        # entry that appeared after check_session, or a user:password in the URL.
+        if "AUTHORIZATION" not in str(exc).upper():
+            raise
+        raise _other_credentials_error(session, url, exc) from exc

@@ -27,23 +27,26 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 
 from novita_async._client import NovitaClient
 from novita_async._config import RESPONSE_IMAGE_TYPES, env_api_key, env_base_url
-from novita_async._errors import ConfigurationError
+from novita_async._errors import ConfigurationError, DuplicateJobError
 from novita_async._jobs import JobResult, JobStatus, MergeJob, is_fatal, job_identity
 from novita_async._pacing import Pacer
+from novita_async._places import JobPlaces, _file_key
 
-__all__ = ["ActorPacer", "merge_faces", "shared_pacer"]
+__all__ = ["ActorPacer", "Booking", "merge_faces", "shared_pacer"]
 
 logger = logging.getLogger("novita_async")
 
@@ -65,6 +68,22 @@ def _import_ray() -> Any:
     return ray
 
 
+class Booking(NamedTuple):
+    """A start slot booked with the shared pacer.
+
+    Attributes:
+        delay: Seconds the caller must wait before it starts (0: start now).
+        rate: The shared pace, requests per second (None: unthrottled).
+        epoch: The pacer's 429 count when the slot was booked.
+        start: When the slot begins, on the pacer's monotonic clock (seconds).
+    """
+
+    delay: float
+    rate: float | None
+    epoch: int
+    start: float
+
+
 class _PaceKeeper:
     """The shared pacer's state (run as a Ray actor; plain Python, so it tests without Ray).
 
@@ -73,17 +92,26 @@ class _PaceKeeper:
     across a sleep and a slow caller never delays the others.
     The pacing rules are :class:`~novita_async._pacing.Pacer`'s, unchanged:
     the cluster behaves as one client whose requests happen to start in
-    several processes.  As in ``Pacer.wait_turn``, a slot booked before a 429
-    is not used at the old pace: each booking carries an epoch, bumped by
-    every 429, and a caller whose epoch is stale when it wakes books again
-    (without this, 8 requests in flight against a 120/min limit drew twice
-    the 429s and ended at half the limit).
+    several processes.  As in ``Pacer.wait_turn``:
+
+    * a slot booked before a 429 is not used at the old pace: each booking
+      carries an epoch, bumped by every 429, and a caller whose epoch is
+      stale when it wakes books again (without this, 8 requests in flight
+      against a 120/min limit drew twice the 429s and ended at half the limit);
+    * a caller cancelled before its turn gives its slot back, and the next
+      bookings take the slots given back before new ones (without this, a
+      batch broken off with 30 calls queued at 6 a minute would leave the next
+      call waiting five minutes behind slots nobody uses).
     """
 
     def __init__(self, requests_per_minute: float | None = None) -> None:
         self._pacer = Pacer(requests_per_minute)
         self._rpm = requests_per_minute
         self._epoch = 0
+        # Starts of the slots given back in this epoch, earliest first.  Kept
+        # here, not in the Pacer: its schedule is booked through its public
+        # reserve() only, so a slot given back is handed out again from here.
+        self._returned: list[float] = []
         self.reservations = 0
 
     def configure(self, requests_per_minute: float | None) -> None:
@@ -91,18 +119,32 @@ class _PaceKeeper:
         if requests_per_minute != self._rpm:
             self._pacer = Pacer(requests_per_minute)
             self._rpm = requests_per_minute
+            self._returned.clear()
 
-    def reserve(self) -> tuple[float, float | None, int]:
-        """Book a start: (seconds to wait, pace in requests per second, epoch)."""
+    def reserve(self) -> Booking:
+        """Book a start: a slot given back if one is still ahead, else the next one of the pace."""
         self.reservations += 1
-        delay = self._pacer.reserve(time.monotonic())
-        return delay, self._pacer.rate, self._epoch
+        now = time.monotonic()
+        while self._returned and self._returned[0] <= now:
+            self._returned.pop(0)  # its time has passed
+        start = self._returned.pop(0) if self._returned else now + self._pacer.reserve(now)
+        return Booking(start - now, self._pacer.rate, self._epoch, start)
 
-    def rebook(self, epoch: int) -> tuple[float, float | None, int]:
+    def rebook(self, epoch: int) -> Booking:
         """After sleeping to a slot booked in ``epoch``: go now if no 429 came since, else book again."""
         if epoch == self._epoch:
-            return 0.0, self._pacer.rate, epoch
+            return Booking(0.0, self._pacer.rate, epoch, time.monotonic())
         return self.reserve()
+
+    def give_back(self, booking: Booking) -> None:
+        """A caller was cancelled before its slot: let the next booking have it.
+
+        Ignored once the slot has passed, after a 429 (the schedule started
+        again from the cool-down), and with no pace (slots are not spaced).
+        """
+        if booking.epoch != self._epoch or self._pacer.rate is None or booking.start <= time.monotonic():
+            return
+        bisect.insort(self._returned, booking.start)
 
     def on_success(self) -> None:
         """A request somewhere succeeded."""
@@ -114,12 +156,14 @@ class _PaceKeeper:
         # Every 429, even one the pacer counts as part of an overshoot it has
         # already answered: re-booking once too often costs a call, not a 429.
         self._epoch += 1
+        self._returned.clear()
 
     def stats(self) -> dict[str, Any]:
-        """Reservations, 429s reported, and the pace now (per minute)."""
+        """Reservations, slots waiting to be taken again, 429s reported, and the pace now (per minute)."""
         rate = self._pacer.rate
         return {
             "reservations": self.reservations,
+            "returned": len(self._returned),
             "rate_limited": self._pacer.rate_limited,
             "requests_per_minute": rate * 60.0 if rate is not None else None,
             "fixed": self._pacer.fixed,
@@ -154,8 +198,9 @@ def shared_pacer(
         name: The actor's name, instead of one derived from key and URL.
 
     Returns:
-        A Ray actor handle with ``reserve``, ``on_success``,
-        ``on_rate_limited`` and ``stats`` methods.
+        A Ray actor handle with ``reserve`` and ``rebook`` (each gives a
+        :class:`Booking`), ``give_back``, ``on_success``, ``on_rate_limited``
+        and ``stats`` methods.
     """
     ray = _import_ray()
     if name is None:
@@ -198,12 +243,28 @@ class ActorPacer:
         return self._rate
 
     async def wait_turn(self) -> None:
-        """Book a slot with the shared pacer and sleep until it (again, if a 429 came meanwhile)."""
+        """Book a slot with the shared pacer and sleep until it (again, if a 429 came meanwhile).
+
+        Cancelled before its turn, it gives the slot back to the shared pacer.
+        """
         # Ray's ObjectRefs are awaitable from any asyncio loop.
-        delay, self._rate, epoch = await self._actor.reserve.remote()
-        while delay > 0:
-            await anyio.sleep(delay)
-            delay, self._rate, epoch = await self._actor.rebook.remote(epoch)
+        booked = self._actor.reserve.remote()
+        try:
+            booking: Booking = await booked
+            self._rate = booking.rate
+            while booking.delay > 0:
+                await anyio.sleep(booking.delay)
+                booked = self._actor.rebook.remote(booking.epoch)
+                booking = await booked
+                self._rate = booking.rate
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled (an error: the actor is gone)
+                # The reference, not its value: a booking still on its way here
+                # is given back too (Ray resolves it for the actor).  Ray runs
+                # one caller's calls to an actor in order, so this process's
+                # next booking can already take the slot.
+                self._actor.give_back.remote(booked)
+            raise
 
     def on_success(self) -> None:
         """Report a success (the adaptive pace grows a little)."""
@@ -234,6 +295,28 @@ def _row_id(face: bytes | str, image: bytes | str) -> str:
     return digest.hexdigest()[:20]
 
 
+class _IdClaims:
+    """Which row each job id (or output file) of a merge_faces run belongs to.
+
+    Run as one Ray actor per run (plain Python, so it tests without Ray): the
+    batch engine finds a repeated id within one block, but blocks run in
+    separate actors, and two rows of one id there would both be sent and
+    write the same file, the later over the earlier.  Each block claims its
+    ids first; a claim names the row by its inputs, so the same id with the
+    same inputs is the same job again (Ray runs a block again when a worker
+    died, and may not be told apart from a repeated row) and is let through,
+    while the same id with other inputs is refused.  About 200 bytes an id;
+    restarted after a crash, it has forgotten the claims made before.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, str] = {}
+
+    def claim(self, claims: list[tuple[str, str]]) -> list[bool]:
+        """For each ``(key, inputs)``: whether the key is this row's (first claimed, or by the same inputs)."""
+        return [self._rows.setdefault(key, inputs) == inputs for key, inputs in claims]
+
+
 class _MergeFaces:
     """The ``map_batches`` UDF: one client per actor, on a loop thread of its own.
 
@@ -254,12 +337,17 @@ class _MergeFaces:
         output_dir: str | None,
         response_image_type: str,
         client_options: dict[str, Any],
+        claims: Any = None,
     ) -> None:
         self._columns = (face_column, image_column)
         self._id_column = id_column
         self._output_column = output_column
         self._output_dir = output_dir
         self._type = response_image_type
+        self._claims = claims
+        # Output names as the batch engine gives them (its rule, not a copy).
+        self._places = (JobPlaces(Path(output_dir), None, response_image_type)
+                        if output_dir is not None else None)
         self._fatal: BaseException | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="novita-async-loop",
@@ -300,6 +388,7 @@ class _MergeFaces:
         count = len(batch[face_column])
         rows: list[tuple[Any, str, str | None, str | None] | None] = [None] * count
         jobs: list[tuple[int, MergeJob]] = []
+        inputs: dict[int, str] = {}  # each row's inputs, as a hash of its paths or bytes
         for index in range(count):
             try:
                 face = _as_input(batch[face_column][index], face_column)
@@ -307,14 +396,16 @@ class _MergeFaces:
             except TypeError as exc:
                 rows[index] = (None, JobStatus.FAILED, str(exc), "TypeError")
                 continue
-            job_id = (str(batch[self._id_column][index]) if self._id_column is not None
-                      else _row_id(face, image))
+            inputs[index] = _row_id(face, image)
+            job_id = str(batch[self._id_column][index]) if self._id_column is not None else inputs[index]
             jobs.append((index, MergeJob(face, image, id=job_id)))
         if self._fatal is not None:
             message = f"not attempted: an earlier batch hit {type(self._fatal).__name__}: {self._fatal}"
             for index, _ in jobs:
                 rows[index] = (None, JobStatus.NOT_ATTEMPTED, message, type(self._fatal).__name__)
             jobs = []
+        if jobs and self._claims is not None:
+            jobs = await self._claim(jobs, inputs, rows)
         if jobs:
             # ordered=True: results come back in job order, so they line up with the rows.
             run = self._client.batch([job for _, job in jobs], output_dir=self._output_dir,
@@ -325,6 +416,32 @@ class _MergeFaces:
             for (index, _), result in zip(jobs, results, strict=True):
                 rows[index] = self._row(result)
         return [row for row in rows if row is not None]
+
+    async def _claim(
+        self, jobs: list[tuple[int, MergeJob]], inputs: dict[int, str],
+        rows: list[tuple[Any, str, str | None, str | None] | None],
+    ) -> list[tuple[int, MergeJob]]:
+        """The jobs whose id (and output) no row of another block holds; the others fail as duplicates."""
+        keys: list[tuple[str, Path | None]] = []
+        for _, job in jobs:
+            assert job.id is not None
+            output = self._places.output_for(job) if self._places is not None else None
+            keys.append((_file_key(output) if output is not None else job.id, output))
+        claims = [(key, inputs[index]) for (key, _), (index, _) in zip(keys, jobs, strict=True)]
+        granted = await self._claims.claim.remote(claims)
+        kept: list[tuple[int, MergeJob]] = []
+        for (index, job), (_, output), mine in zip(jobs, keys, granted, strict=True):
+            if mine:
+                kept.append((index, job))
+                continue
+            assert job.id is not None
+            what = f"would write {output}, the output of" if output is not None else "repeats the id of"
+            error = DuplicateJobError(
+                f"job {job.id!r} {what} another row, with other inputs, so it was not sent (that "
+                "row is); give each row its own id", job_id=job.id,
+                output=str(output) if output is not None else None)
+            rows[index] = self._row(JobResult(job=job, status=JobStatus.FAILED, error=error, output=output))
+        return kept
 
     def _row(self, result: JobResult) -> tuple[Any, str, str | None, str | None]:
         error = result.error
@@ -391,10 +508,13 @@ def merge_faces(
             ``merged_image`` instead.
         output_column: Name of that column instead of the default.
         id_column: A column of unique row ids, used for output names; default:
-            a hash of the row's paths, or of its bytes.  A repeated id is
-            caught within one block (its row fails with ``DuplicateJobError``),
-            not across blocks, which run on separate actors: there the later
-            result replaces the file, so give each row its own id.
+            a hash of the row's paths, or of its bytes.  A row whose id (or
+            output file) another row with other inputs holds fails with
+            ``DuplicateJobError``, unsent, wherever the two fall: within a
+            block, the later row; across blocks, the one whose block claims
+            it second.  Rows alike in id and inputs are one job: across
+            blocks each is sent (Ray re-runs a block whose worker died, and
+            that cannot be told apart), and both write the same result.
         api_key: Defaults to ``$NOVITA_API_KEY`` read here, on the driver. It
             travels to the actors in their constructor arguments.
         base_url: Defaults to ``$NOVITA_BASE_URL``, else the public endpoint.
@@ -444,6 +564,10 @@ def merge_faces(
         requests_per_minute=requests_per_minute, api_key=key, base_url=url)
     if output_column is None:
         output_column = "output_path" if output_dir is not None else "merged_image"
+    # One per run, held by the plan below for as long as the dataset lives.
+    # Ids of their own (hashes of the inputs) clash only for rows alike.
+    claims = (ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_IdClaims).remote()
+              if id_column is not None else None)
     return ds.map_batches(
         _MergeFaces,
         fn_constructor_kwargs={
@@ -456,6 +580,7 @@ def merge_faces(
             "output_dir": os.fspath(output_dir) if output_dir is not None else None,
             "response_image_type": response_image_type,
             "client_options": options,
+            "claims": claims,
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -84,6 +84,22 @@ def test_merge_failure_exits_1_with_the_reason(
     assert "IMAGE_NO_FACE_DETECTED" in err and "Traceback" not in err
 
 
+def test_a_failed_merge_leaves_no_folder_it_made(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A merge the API refuses (exit 1) takes away the folders it made for -o; a successful one keeps them."""
+    [(face, image)] = write_inputs(tmp_path / "in", 1)
+    faceless = tmp_path / "flat.png"
+    faceless.write_bytes(flat_image())
+    code, _, err = run_cli(capsys, "merge", faceless, image, "-o", tmp_path / "out" / "sub" / "o.png", *connect(emu))
+    assert code == 1, err
+    assert emu.stats.requests == 1  # the folders were made: the request was sent
+    assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(capsys, "merge", face, image, "-o", tmp_path / "out" / "sub" / "o.png", *connect(emu))
+    assert code == 0, err
+    assert_valid_image(tmp_path / "out" / "sub" / "o.png")
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [

@@ -163,6 +163,69 @@ def test_sigterm_during_merge_exits_143_writing_nothing(tmp_path: Path) -> None:
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("signum", "code", "says"),
+    [
+        pytest.param(signal.SIGTERM, 143, "terminated: no result written\n", id="sigterm"),
+        pytest.param(signal.SIGINT, 130, "novita-async: interrupted\n", id="ctrl-c"),
+    ],
+)
+def test_a_signal_during_merge_removes_the_folders_it_made(
+    tmp_path: Path, signum: signal.Signals, code: int, says: str
+) -> None:
+    """Stopped while `merge` waits for its answer, with -o in folders that did not exist: the folders it
+    made are gone again; the folder that was there before stays."""
+    face, image = write_inputs(tmp_path / "in", 1)[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    with served("--latency", "5") as url:
+        process = subprocess.Popen(
+            novita("merge", face, image, "-o", out / "new" / "deeper" / "r.png", "--base-url", url,
+                   "--api-key", DEFAULT_API_KEY),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+        wait_for(lambda: stats(url)["in_flight"] == 1)
+        assert (out / "new" / "deeper").is_dir()  # made before the request was sent
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == code, err
+    assert err == says
+    assert list(out.iterdir()) == []
+
+
+#: Runs ``python -m novita_async ARGS`` (as runpy does for -m) with a real SIGINT sent to itself the
+#: moment the module named first starts to import: Ctrl-C at a known point of the start-up.
+_INTERRUPTED_WHILE_IMPORTING = """
+import os, runpy, signal, sys
+
+module, sys.argv = sys.argv[1], ["novita_async", *sys.argv[2:]]
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+runpy.run_module("novita_async", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        pytest.param("novita_async._cli_batch", id="loading-the-command"),
+        pytest.param("novita_async.emulator._cli", id="building-the-parser"),
+    ],
+)
+def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(module: str) -> None:
+    """Ctrl-C while `python -m novita_async` imports the command's modules or builds its parser: one line,
+    exit 130, no traceback."""
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_WHILE_IMPORTING, module, "--version"],
+                          capture_output=True, text=True, timeout=60, env=CHILD_ENV)
+    assert "Traceback" not in done.stderr
+    assert (done.returncode, done.stderr, done.stdout) == (130, "novita-async: interrupted\n", "")
+
+
 def test_second_ctrl_c_stops_at_once_with_a_consistent_ledger(tmp_path: Path) -> None:
     """A second SIGINT cancels the jobs in flight instead of waiting; the ledger stays whole."""
     manifest = csv_manifest(tmp_path / "data", 12)

@@ -7,15 +7,18 @@ and the start time of every request it got, to measure the pace it saw.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 import novita_async as na
@@ -240,9 +243,90 @@ def test_pace_keeper_spaces_and_shares_a_cool_down() -> None:
 def test_pace_keeper_rebooks_slots_from_before_a_429() -> None:
     """A slot booked before a 429 is booked again after the cool-down; one booked since is kept."""
     keeper = na_ray._PaceKeeper(requests_per_minute=600)
-    _, _, before = keeper.reserve()
-    assert keeper.rebook(before)[0] == 0.0  # no 429 since: go
+    before = keeper.reserve().epoch
+    assert keeper.rebook(before).delay == 0.0  # no 429 since: go
     keeper.on_rate_limited(2.0)
-    delay, _, after = keeper.rebook(before)
-    assert delay >= 1.9 and after != before
-    assert keeper.rebook(after)[0] == 0.0
+    again = keeper.rebook(before)
+    assert again.delay >= 1.9 and again.epoch != before
+    assert keeper.rebook(again.epoch).delay == 0.0
+
+
+def test_pace_keeper_hands_out_slots_given_back() -> None:
+    """Slots given back by cancelled callers go to the next bookings, earliest first, instead of new
+    slots at the end of the schedule; not once a 429 has started the schedule again."""
+    keeper = na_ray._PaceKeeper(requests_per_minute=60)  # one start a second
+    bookings = [keeper.reserve() for _ in range(6)]  # starts 0 s, 1 s, ... 5 s from now
+    for booking in reversed(bookings[1:]):
+        keeper.give_back(booking)
+    assert keeper.stats()["returned"] == 5
+    taken = keeper.reserve()
+    assert taken.start == bookings[1].start
+    assert taken.delay == pytest.approx(1.0, abs=0.05)
+    assert keeper.reserve().start == bookings[2].start
+    keeper.on_rate_limited(None)
+    assert keeper.stats()["returned"] == 0
+    keeper.give_back(bookings[4])  # booked before the 429: its place in the schedule is gone
+    assert keeper.stats()["returned"] == 0
+
+
+def test_id_claims_keep_an_id_to_the_inputs_that_took_it_first() -> None:
+    """The same id (or output) with other inputs is refused; with the same inputs it is the same job again."""
+    claims = na_ray._IdClaims()
+    assert claims.claim([("a", "inputs-1"), ("b", "inputs-2"), ("a", "inputs-3")]) == [True, True, False]
+    assert claims.claim([("a", "inputs-1"), ("b", "inputs-9")]) == [True, False]
+
+
+def test_cancelled_waiters_give_their_slots_back(ray_cluster: None, serve: Callable[..., _Served]) -> None:
+    """Eight calls queued at 30/min on a shared pacer, broken off after the first: the next call starts
+    in the first slot given back (2 s on), not behind the seven slots nobody uses (16 s on)."""
+    served = serve()
+    actor = na_ray.shared_pacer(requests_per_minute=30, name="test-give-back")
+    face, image = _pairs(1)[0]
+
+    async def run() -> float:
+        async with na.NovitaClient(api_key=DEFAULT_API_KEY, base_url=served.url,
+                                   pacer=na_ray.ActorPacer(actor, fixed=True), max_concurrency=8) as client:
+            async with anyio.create_task_group() as group:
+                for _ in range(8):
+                    group.start_soon(client.merge_face, face, image)
+                await anyio.sleep(0.5)  # the first has started, seven wait for their slots
+                group.cancel_scope.cancel()
+            started = time.monotonic()
+            await client.merge_face(face, image)
+            return time.monotonic() - started
+
+    took = asyncio.run(run())
+    assert took < 4.0, f"the next call waited {took:.1f} s behind slots given up"
+    assert served.stats()["requests"] == 2
+    ray.kill(actor)
+
+
+def test_a_repeated_id_across_blocks_is_one_job(
+    ray_cluster: None, serve: Callable[..., _Served], tmp_path: Path
+) -> None:
+    """Rows in separate blocks: an id (or output name) that a row with other inputs holds fails as a
+    DuplicateJobError, unsent, so no file is written twice; rows alike in id and inputs are one job."""
+    served = serve()
+    (face, image), (_, other), (_, third) = _pairs(3)
+    rows = [
+        {"face_image": face, "image": image, "id": "same", "n": 0},
+        {"face_image": face, "image": other, "id": "same", "n": 1},  # same id, other inputs
+        {"face_image": face, "image": other, "id": "a/b", "n": 2},
+        {"face_image": face, "image": third, "id": "a_b", "n": 3},  # another id, the same file name
+        {"face_image": face, "image": third, "id": "twin", "n": 4},
+        {"face_image": face, "image": third, "id": "twin", "n": 5},  # alike: the same job again
+    ]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    out = na_ray.merge_faces(ds, api_key=DEFAULT_API_KEY, base_url=served.url, id_column="id",
+                             output_dir=tmp_path / "out", batch_size=1, concurrency=2)
+    results = {row["n"]: row for row in out.take_all()}
+    for pair in ((0, 1), (2, 3)):
+        statuses = sorted(results[n]["status"] for n in pair)
+        assert statuses == ["failed", "ok"], [results[n] for n in pair]
+        refused = next(results[n] for n in pair if results[n]["status"] == "failed")
+        assert refused["error_reason"] == "DuplicateJobError"
+        assert "give each row its own id" in refused["error"]
+        assert refused["output_path"] is None
+    assert results[4]["status"] == results[5]["status"] == "ok"
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["a_b.png", "same.png", "twin.png"]
+    assert served.stats()["requests"] == 4  # one for each of the two clashes, two for the twins

@@ -11,6 +11,7 @@ import json
 import threading
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,6 +32,8 @@ KEY = "sk_test_sessions"
 
 #: aiohttp 3.12 lets an absolute URL override a session's base_url; before, it fails an assertion.
 NEW_AIOHTTP = tuple(int(part) for part in aiohttp.__version__.split(".")[:2]) >= (3, 12)
+#: aiohttp 3.14 refuses a request with both an Authorization header and a .netrc login (a ValueError).
+AIOHTTP_REFUSES_NETRC_BESIDE_AUTHORIZATION = tuple(int(part) for part in aiohttp.__version__.split(".")[:2]) >= (3, 14)
 
 
 async def _raise_all(response: aiohttp.ClientResponse) -> None:
@@ -191,6 +194,106 @@ async def test_a_session_with_a_base_url_is_refused_on_an_old_aiohttp() -> None:
     async with aiohttp.ClientSession(base_url="http://127.0.0.1:9") as session:
         with pytest.raises(na.ConfigurationError, match="base_url"):
             na.NovitaClient(api_key=KEY, base_url="http://127.0.0.1:9", session=session)
+
+
+# -- .netrc ------------------------------------------------------------------------
+
+#: Proxy variables a trust_env session would obey: cleared so requests go straight to the emulator.
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home folder of the test's own, with no .netrc yet, NETRC and proxies unset."""
+    folder = tmp_path / "home"
+    folder.mkdir()
+    monkeypatch.setenv("HOME", str(folder))
+    monkeypatch.delenv("NETRC", raising=False)
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return folder
+
+
+def _write_netrc(path: Path, machine: str) -> Path:
+    """A .netrc with one entry (``machine`` is a host, or ``default``), private as ftp and curl want it."""
+    line = "default" if machine == "default" else f"machine {machine}"
+    path.write_text(f"{line}\n  login someone\n  password netrc-secret\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("machine", "named", "says"),
+    [
+        pytest.param("127.0.0.1", False, "has an entry for '127.0.0.1'", id="entry-for-the-host"),
+        pytest.param("default", False, "has a default entry", id="default-entry"),
+        pytest.param("127.0.0.1", True, "has an entry for '127.0.0.1'", id="NETRC-variable"),
+    ],
+)
+async def test_a_trust_env_session_with_netrc_credentials_for_the_host(
+    emulator: Emulator, home: Path, monkeypatch: pytest.MonkeyPatch, machine: str, named: bool, says: str
+) -> None:
+    """A trust_env session whose .netrc has a login for the API's host is a ConfigurationError naming the
+    entry and the fixes, not aiohttp's bare ValueError (nor, before aiohttp 3.14, a 401); nothing is sent."""
+    if named:
+        netrc_file = _write_netrc(home / "elsewhere.netrc", machine)
+        monkeypatch.setenv("NETRC", str(netrc_file))
+    else:
+        netrc_file = _write_netrc(home / ".netrc", machine)
+    async with (
+        aiohttp.ClientSession(trust_env=True) as session,
+        na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY,
+                        session=session) as client,
+    ):
+        with pytest.raises(na.ConfigurationError) as raised:
+            await client.merge_face(FACE, TARGET)
+    message = str(raised.value)
+    assert f"{netrc_file} {says}" in message
+    assert "trust_env=False" in message and "NETRC" in message
+    assert "netrc-secret" not in message
+    assert raised.value.attempts == 1
+    assert emulator.stats.requests == 0
+
+
+async def test_a_trust_env_session_with_netrc_credentials_for_other_hosts_works(
+    emulator: Emulator, home: Path
+) -> None:
+    """A .netrc with logins for other hosts only leaves a trust_env session usable, with the API key sent."""
+    _write_netrc(home / ".netrc", "files.example.org")
+    async with (
+        aiohttp.ClientSession(trust_env=True) as session,
+        na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY,
+                        session=session) as client,
+    ):
+        result = await client.merge_face(FACE, TARGET)
+    assert result.attempts == 1
+    assert emulator.stats.requests == 1
+
+
+@pytest.mark.skipif(not AIOHTTP_REFUSES_NETRC_BESIDE_AUTHORIZATION,
+                    reason="aiohttp < 3.14 sends the .netrc login in place of the key (a 401), unseen by the client")
+async def test_a_netrc_entry_written_after_the_client_was_made(emulator: Emulator, home: Path) -> None:
+    """An entry that appears once the client exists: aiohttp's refusal becomes the same ConfigurationError."""
+    async with (
+        aiohttp.ClientSession(trust_env=True) as session,
+        na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY,
+                        session=session) as client,
+    ):
+        _write_netrc(home / ".netrc", "127.0.0.1")
+        with pytest.raises(na.ConfigurationError, match=r"trust_env=True and a \.netrc file") as raised:
+            await client.merge_face(FACE, TARGET)
+    assert raised.value.attempts == 1
+    assert emulator.stats.requests == 0
+
+
+async def test_a_base_url_with_a_password(emulator: Emulator) -> None:
+    """A user:password in the base URL (which aiohttp will not send beside the key) is a ConfigurationError
+    saying so, not a bare ValueError; nothing is sent."""
+    url = emulator.url.replace("http://", "http://someone:secret@")
+    async with na.NovitaClient(api_key=emulator.api_key, base_url=url, retry=FAST_RETRY) as client:
+        with pytest.raises(na.ConfigurationError, match="user:password@"):
+            await client.merge_face(FACE, TARGET)
+    assert emulator.stats.requests == 0
 
 
 # -- event loops -----------------------------------------------------------------
