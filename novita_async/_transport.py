@@ -192,9 +192,11 @@ def refuse_netrc_credentials(session: aiohttp.ClientSession, url: str) -> None:
     Raises:
         ConfigurationError: naming the ``.netrc`` entry and the fixes; nothing was sent.
     """
+    if not session.trust_env:
+        return  # the common case, on every request: nothing to look up
     entries = _NETRC_SEEN.get(session)
     host = urlsplit(url).hostname or ""
-    if session.trust_env and entries is not None and entries.covers(host):
+    if entries is not None and entries.covers(host):
         raise _netrc_error(host, entries)
 
 
