@@ -603,10 +603,14 @@ async def test_fixed_pace_spaces_requests(emulator: Emulator) -> None:
     """requests_per_minute spaces request starts evenly."""
     async with client_for(emulator, requests_per_minute=600) as client:
         assert client.requests_per_minute == 600
+        # A first call pays one-time costs (lazy imports, the first connection) between
+        # its turn and its arrival, which shortened the first gap to 0.03 s in a CI run:
+        # the starts measured are those of the four calls after it.
+        await client.merge_face(FACE, TARGET)
         async with anyio.create_task_group() as group:
             for _ in range(4):
                 group.start_soon(client.merge_face, FACE, TARGET)
-    starts = emulator.stats.started_at
+    starts = list(emulator.stats.started_at)[1:]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(gaps) == 3
     # Booked 0.1 s apart; arrival jitter on a busy machine may shift one a little.
