@@ -127,10 +127,13 @@ class _Engine:
         self.summary.started = time.monotonic()
         try:
             try:
-                self._progress = Progress(self._progress_spec, total=self._total)
+                # A session every request would refuse fails the run, not each job in turn.
+                self._client._refuse_unusable_session()
                 if self._ledger_path is not None:
                     # Loading a resumed run's ledger reads every line: not on the loop.
                     self._ledger = await anyio.to_thread.run_sync(Ledger, self._ledger_path)
+                # After the ledger: a run refused for a ledger in use shows no empty bar.
+                self._progress = Progress(self._progress_spec, total=self._total)
                 if self.output_dir is not None:
                     # A killed run leaves hidden temporary files (never partial
                     # results under final names); clear those of dead writers.

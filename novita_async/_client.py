@@ -44,7 +44,7 @@ from novita_async._retry import retry_call
 from novita_async._sources import (
     close_sources,
 )
-from novita_async._transport import check_session, send_merge_request
+from novita_async._transport import check_session, refuse_netrc_credentials, send_merge_request
 from novita_async._version import __version__
 
 if TYPE_CHECKING:
@@ -274,6 +274,15 @@ class NovitaClient:
             "Create the client inside the coroutine that uses it "
             "('async with NovitaClient(...) as client:'), one client per event loop"
         )
+
+    def _refuse_unusable_session(self) -> None:
+        """Raise now what every request on the caller's session would raise (a batch checks first).
+
+        Raises:
+            ConfigurationError: the session would send ``.netrc`` credentials for the API's host.
+        """
+        if self._session is not None and not self._owns_session:
+            refuse_netrc_credentials(self._session, f"{self.base_url}{MERGE_FACE_PATH}")
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._state is _State.CLOSED:

@@ -255,6 +255,26 @@ async def test_a_trust_env_session_with_netrc_credentials_for_the_host(
     assert emulator.stats.requests == 0
 
 
+async def test_a_batch_on_a_session_refused_for_netrc_stops_before_its_first_job(
+    emulator: Emulator, home: Path, tmp_path: Path
+) -> None:
+    """A batch on such a session raises the ConfigurationError once, before any job: no job is
+    sent or recorded (each of 20 jobs failed with it in turn before)."""
+    _write_netrc(home / ".netrc", "127.0.0.1")
+    ledger = tmp_path / "out" / "ledger.jsonl"
+    jobs = [na.MergeJob(FACE, TARGET, id=f"job{i}") for i in range(20)]
+    async with (
+        aiohttp.ClientSession(trust_env=True) as session,
+        na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY,
+                        session=session) as client,
+    ):
+        with pytest.raises(na.ConfigurationError, match="trust_env=False"):
+            async for _ in client.batch(jobs, output_dir=tmp_path / "out", ledger=ledger):
+                pass
+    assert emulator.stats.requests == 0
+    assert not ledger.exists()
+
+
 async def test_a_trust_env_session_with_netrc_credentials_for_other_hosts_works(
     emulator: Emulator, home: Path
 ) -> None:
