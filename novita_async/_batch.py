@@ -110,6 +110,7 @@ class _Engine:
         # jobs queued for their pacing turn or a retry (a stop is then prompt).
         self._send_gate = SendGate(self._gate)
         self._ledger: Ledger | None = None
+        self._ledger_failed = False  # a line could not be written: no more are tried
         self._group: anyio.abc.TaskGroup | None = None
         self._progress: Progress | None = None
         self.source_error: BaseException | None = None
@@ -315,13 +316,14 @@ class _Engine:
 
     def _write_ledger(self, result: JobResult) -> None:
         ledger = self._ledger
-        if ledger is not None:
+        if ledger is not None and not self._ledger_failed:
             try:
                 ledger.append(result, self._sent_inputs.pop(result.job.id or "", None))
             except OSError as exc:
-                # Without its ledger a batch cannot resume: stop taking jobs.
-                self._ledger = None
-                ledger.close()
+                # Without its ledger a batch cannot resume: stop taking jobs.  The
+                # file stays open, and locked, until the run ends: another run must
+                # not start on it while the jobs in flight here finish.
+                self._ledger_failed = True
                 self._set_fatal(OutputError(f"cannot write the ledger {ledger.path}: {exc.strerror or exc}"))
 
     async def _emit(self, send: Handoff[JobResult], index: int, result: JobResult | None) -> None:

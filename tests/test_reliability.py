@@ -30,6 +30,7 @@ import pytest
 from PIL import Image
 
 import novita_async as na
+from novita_async._ledger import Ledger
 from novita_async.emulator import Emulator, EmulatorConfig, Faults, job_key
 
 from .conftest import noise_png
@@ -524,6 +525,10 @@ async def test_ledger_on_a_full_disk_stops_the_batch_honestly(tmp_path: Path) ->
             run = client.batch(_jobs(pairs), output_dir=out, ledger=ledger, progress=False)
             async for result in run:
                 received.append((result, run.summary.stop_reason is not None))
+                if run.summary.stop_reason is not None:
+                    # Stopped, not ended: the ledger stays locked until the run is over.
+                    with pytest.raises(na.LedgerInUseError):
+                        Ledger(ledger)
             stop_reason = run.summary.stop_reason
             assert stop_reason is not None
             assert "cannot write the ledger" in stop_reason and "No space left on device" in stop_reason
