@@ -16,11 +16,28 @@ from pathlib import Path
 from novita_async._errors import ConfigurationError, DuplicateJobError, NovitaError
 from novita_async._jobs import MergeJob, job_identity, output_extension, output_name_problem, type_of_output
 
-__all__ = ["JobPlaces"]
+__all__ = ["JobPlaces", "output_key"]
 
 
 def _safe_name(job_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.@+=" else "_" for c in job_id)[:200] or "job"
+
+
+def output_key(job: MergeJob) -> str:
+    """A name that two jobs writing one file share: the job's output without its extension (pure).
+
+    The job's own output (as written, relative to the output folder), else its
+    id as the default ``<id>.<ext>`` names it.  Shards split jobs by it, so two
+    rows of one manifest that name one output land in one shard, which refuses
+    the second (:class:`DuplicateJobError`) instead of two workers writing the
+    file in turn.  ``job`` has its id.
+    """
+    if job.output is not None:
+        stem = os.path.splitext(os.path.normpath(os.fspath(job.output)))[0]
+    else:
+        assert job.id is not None
+        stem = _safe_name(job.id)
+    return os.path.normcase(stem)
 
 
 def _file_key(path: Path) -> str:

@@ -2,9 +2,12 @@
 
 N workers given the same manifest and shard indexes 0..N-1 together do every
 job exactly once, with no coordination: a job belongs to the shard that the
-hash of its id picks.  Ids are the batch's own (:func:`job_identity`), so a
-shard's ledger resumes like any other.  The hash is SHA-256, not ``hash()``,
-which is salted per process and would give each worker a different split.
+hash of its output's name picks (its id, when the output is the default
+``<id>.<ext>``), so two rows naming one output meet in one shard, which
+refuses the second, rather than two workers writing the file in turn.  Ids
+are the batch's own (:func:`job_identity`), so a shard's ledger resumes like
+any other.  The hash is SHA-256, not ``hash()``, which is salted per process
+and would give each worker a different split.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import TypeVar, overload
 
 from novita_async._jobs import MergeJob, job_identity
 from novita_async._manifest import BadRow
+from novita_async._places import output_key
 
 __all__ = [
     "assign_id",
@@ -31,7 +35,10 @@ T = TypeVar("T")
 
 
 def shard_of(job_id: str, count: int) -> int:
-    """The shard (0..count-1) a job id belongs to; the same on every machine and run.
+    """The shard (0..count-1) a job id (or any key) belongs to; the same on every machine and run.
+
+    ``shard_jobs`` keys a job by its output's name (see the module): for a job
+    whose output is the default ``<id>.<ext>``, that is its id.
 
     Example:
         >>> shard_of("face1__photo1", 1)
@@ -100,6 +107,14 @@ def assign_id(item: T, position: int) -> tuple[str, T]:
     return f"job-{position}", item
 
 
+def _shard_key(item: T, position: int) -> tuple[str, T]:
+    """What picks an item's shard (a job's :func:`output_key`, else its id), and the item to pass on."""
+    job_id, item = assign_id(item, position)
+    if isinstance(item, MergeJob):
+        return output_key(item), item
+    return job_id, item
+
+
 @overload
 def shard_jobs(jobs: AsyncIterable[T], index: int, count: int) -> AsyncIterator[T]: ...
 @overload
@@ -136,8 +151,8 @@ def shard_jobs(
 
 def _shard_sync(jobs: Iterable[T], index: int, count: int) -> Iterator[T]:
     for position, item in enumerate(jobs):
-        job_id, job = assign_id(item, position)
-        if shard_of(job_id, count) == index:
+        key, job = _shard_key(item, position)
+        if shard_of(key, count) == index:
             yield job
 
 
@@ -145,9 +160,9 @@ async def _shard_async(jobs: AsyncIterable[T], index: int, count: int) -> AsyncI
     position = 0
     try:
         async for item in jobs:
-            job_id, job = assign_id(item, position)
+            key, job = _shard_key(item, position)
             position += 1
-            if shard_of(job_id, count) == index:
+            if shard_of(key, count) == index:
                 yield job
     finally:
         # Closing this filter (the batch was abandoned) closes the source now,

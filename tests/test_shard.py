@@ -253,6 +253,27 @@ def test_cli_shards_do_every_job_once_and_resume_per_shard(
     assert "left 0 (0 never run" in text
 
 
+def test_rows_naming_one_output_meet_in_one_shard(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two rows with ids of different shards and one output: the same shard gets both, and refuses
+    the second as a duplicate, instead of two workers each writing the file (the later over the
+    earlier, both recorded ok)."""
+    ids = [f"row{i}" for i in range(8)]
+    first = ids[0]
+    second = next(i for i in ids if na.shard_of(i, 2) != na.shard_of(first, 2))  # apart by id
+    (face, photo), (face2, photo2) = write_inputs(tmp_path / "in", 2)
+    manifest = write_csv(tmp_path / "manifest.csv", ("face_image", "image", "output", "id"), [
+        (face, photo, "same.png", first), (face2, photo2, "./same.png", second)])
+    out = tmp_path / "out"
+    codes = [_run(capsys, *_batch(emu, manifest, out, "--shard", f"{k}/2"))[0] for k in range(2)]
+    assert sorted(codes) == [0, 1]  # one shard did both rows: one ok, one refused
+    lines = [line for k in range(2) for line in ledger_lines(out / f"ledger.shard-{k}-of-2.jsonl")]
+    assert [line["status"] for line in lines] == ["ok"]  # a refused duplicate writes no line
+    assert emu.stats.requests == 1
+    assert (out / "same.png").is_file()
+
+
 def test_a_run_with_other_shards_or_none_sends_nothing_the_folder_s_ledgers_record_done(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
