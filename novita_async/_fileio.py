@@ -35,13 +35,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Literal, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import anyio.to_thread
 
 from novita_async._errors import ConfigurationError
 
 __all__ = [
+    "Handover",
     "FILE_IO_MODES",
     "RECENT_CALLS",
     "SLOW_OF_LAST",
@@ -216,3 +217,41 @@ class FileCalls:
 #: Worker threads for every call: the default of file users not given a client's FileCalls
 #: (stateless in this mode, so one instance serves them all).
 THREADS_ONLY = FileCalls("threads")
+
+
+class Handover(Generic[T]):
+    """A blocking call's result that its caller may not be there to take, released if not.
+
+    A caller awaiting a worker thread can be cancelled (a native
+    ``task.cancel()``) while the thread runs on; whatever the thread then
+    returns, such as an open file, would be lost.  Run the call through a
+    Handover, and call :meth:`abandon` when the await fails: the result is
+    released now if the thread has finished, else as soon as it does.
+
+    Args:
+        call: The blocking call.
+        release: What undoes its result (closes what it opened).
+    """
+
+    def __init__(self, call: Callable[[], T], release: Callable[[T], None]) -> None:
+        self._call, self._release = call, release
+        self._lock = threading.Lock()
+        self._results: list[T] = []
+        self._abandoned = False
+
+    def __call__(self) -> T:
+        result = self._call()
+        with self._lock:
+            if self._abandoned:
+                self._release(result)
+            else:
+                self._results.append(result)
+        return result
+
+    def abandon(self) -> None:
+        """The caller will not take the result: release it now, or when the call returns."""
+        with self._lock:
+            self._abandoned = True
+            results, self._results = self._results, []
+        for result in results:
+            self._release(result)

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio.to_thread
 
 from novita_async._errors import InvalidImageError, OutputError
-from novita_async._fileio import FileCalls, folder_of
+from novita_async._fileio import FileCalls, Handover, folder_of
 from novita_async._sources import ImageSource, _source_sync, buffer_source, close_sources
 
 __all__ = ["prepare_inputs"]
@@ -89,11 +89,18 @@ async def prepare_inputs(
             raise
         return checked, output is not None and os.path.isdir(output)
 
+    # A caller cancelled while the check runs in a worker thread would drop the
+    # sources it returns, with their files open: the handover closes them.
+    check = Handover(check_all, lambda result: close_sources(source for source, _ in result[0]))
     folders = _path_folders(inputs, output)
-    if folders is None:  # a PIL image to encode, or a file object of unknown kind
-        checked, output_is_folder = await anyio.to_thread.run_sync(check_all)
-    else:
-        checked, output_is_folder = await files.run(folders, check_all)
+    try:
+        if folders is None:  # a PIL image to encode, or a file object of unknown kind
+            checked, output_is_folder = await anyio.to_thread.run_sync(check)
+        else:
+            checked, output_is_folder = await files.run(folders, check)
+    except BaseException:
+        check.abandon()
+        raise
     sources: list[ImageSource] = []
     try:
         for source, problem in checked:

@@ -34,7 +34,7 @@ import anyio.to_thread
 
 from novita_async._errors import InvalidImageError
 from novita_async._file_objects import file_object_source
-from novita_async._fileio import THREADS_ONLY, FileCalls, folder_of
+from novita_async._fileio import THREADS_ONLY, FileCalls, Handover, folder_of
 from novita_async._source_base import (
     BufferSource,
     ImageSource,
@@ -155,7 +155,17 @@ class _PathSource(ImageSource):
         the flag, such as tmpfs, whose reads are memcpys too).
         """
         opened, self._opened = self._opened, None
-        fd = opened.fileno() if opened is not None else await self._run(partial(_open_read, self.path))
+        if opened is not None:
+            fd = opened.fileno()
+        else:
+            # Cancelled while the open runs in a worker thread, this call would
+            # lose the descriptor it returns: the handover closes it.
+            opening = Handover(partial(_open_read, self.path), os.close)
+            try:
+                fd = await self._run(opening)
+            except BaseException:
+                opening.abandon()
+                raise
 
         async def read_at(view: memoryview, offset: int) -> int:
             got = _pread_cached(fd, view, offset)
