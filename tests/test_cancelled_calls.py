@@ -8,6 +8,7 @@ import gc
 import os
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -31,7 +32,7 @@ def _open_on(folder: Path) -> int:
     return count
 
 
-async def _cancel_at_every_step(client: na.NovitaClient, face: object, image: object, calls: int) -> int:
+async def _cancel_at_every_step(client: na.NovitaClient, face: BinaryIO, image: BinaryIO, calls: int) -> int:
     """Start ``calls`` merges one after another, each cancelled after 1 to 4 turns of the loop."""
     cancelled = 0
     for index in range(calls):
