@@ -37,6 +37,7 @@ ray = pytest.importorskip("ray", reason="needs the [ray] extra: pip install 'nov
 pytest.importorskip("ray.data", reason="needs Ray Data: pip install 'novita_async[ray]'")
 
 from novita_async import ray as na_ray  # noqa: E402 - only once Ray is known to be there
+from novita_async._ray_pacer import _PaceKeeper  # noqa: E402
 
 #: The emulator, plus a route with every request's start time (monotonic seconds).
 _EMULATOR = """
@@ -231,7 +232,7 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_pace_keeper_spaces_and_shares_a_cool_down() -> None:
     """The shared pacer's state, without Ray: slots are spaced, and a 429 pushes every later one."""
-    keeper = na_ray._PaceKeeper(requests_per_minute=600)  # one start every 0.1 s
+    keeper = _PaceKeeper(requests_per_minute=600)  # one start every 0.1 s
     delays = [keeper.reserve()[0] for _ in range(3)]
     assert delays[0] == pytest.approx(0.0, abs=0.01)
     assert delays[2] == pytest.approx(0.2, abs=0.01)
@@ -242,7 +243,7 @@ def test_pace_keeper_spaces_and_shares_a_cool_down() -> None:
 
 def test_pace_keeper_rebooks_slots_from_before_a_429() -> None:
     """A slot booked before a 429 is booked again after the cool-down; one booked since is kept."""
-    keeper = na_ray._PaceKeeper(requests_per_minute=600)
+    keeper = _PaceKeeper(requests_per_minute=600)
     before = keeper.reserve().epoch
     assert keeper.rebook(before).delay == 0.0  # no 429 since: go
     keeper.on_rate_limited(2.0)
@@ -254,7 +255,7 @@ def test_pace_keeper_rebooks_slots_from_before_a_429() -> None:
 def test_pace_keeper_hands_out_slots_given_back() -> None:
     """Slots given back by cancelled callers go to the next bookings, earliest first, instead of new
     slots at the end of the schedule; not once a 429 has started the schedule again."""
-    keeper = na_ray._PaceKeeper(requests_per_minute=60)  # one start a second
+    keeper = _PaceKeeper(requests_per_minute=60)  # one start a second
     bookings = [keeper.reserve() for _ in range(6)]  # starts 0 s, 1 s, ... 5 s from now
     for booking in reversed(bookings[1:]):
         keeper.give_back(booking)
