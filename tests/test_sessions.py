@@ -10,7 +10,7 @@ import gzip
 import json
 import threading
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,17 @@ def _write_netrc(path: Path, machine: str) -> Path:
     return path
 
 
+@contextlib.asynccontextmanager
+async def _client_on_trust_env_session(emulator: Emulator) -> AsyncIterator[na.NovitaClient]:
+    """A client for the emulator on a caller's session made with trust_env=True (it reads .netrc)."""
+    async with (
+        aiohttp.ClientSession(trust_env=True) as session,
+        na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY,
+                        session=session) as client,
+    ):
+        yield client
+
+
 @pytest.mark.parametrize(
     ("machine", "named", "says"),
     [
@@ -240,11 +251,7 @@ async def test_a_trust_env_session_with_netrc_credentials_for_the_host(
         monkeypatch.setenv("NETRC", str(netrc_file))
     else:
         netrc_file = _write_netrc(home / ".netrc", machine)
-    async with (
-        aiohttp.ClientSession(trust_env=True) as session,
-        na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY,
-                        session=session) as client,
-    ):
+    async with _client_on_trust_env_session(emulator) as client:
         with pytest.raises(na.ConfigurationError) as raised:
             await client.merge_face(FACE, TARGET)
     message = str(raised.value)
@@ -263,11 +270,7 @@ async def test_a_batch_on_a_session_refused_for_netrc_stops_before_its_first_job
     _write_netrc(home / ".netrc", "127.0.0.1")
     ledger = tmp_path / "out" / "ledger.jsonl"
     jobs = [na.MergeJob(FACE, TARGET, id=f"job{i}") for i in range(20)]
-    async with (
-        aiohttp.ClientSession(trust_env=True) as session,
-        na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY,
-                        session=session) as client,
-    ):
+    async with _client_on_trust_env_session(emulator) as client:
         with pytest.raises(na.ConfigurationError, match="trust_env=False"):
             async for _ in client.batch(jobs, output_dir=tmp_path / "out", ledger=ledger):
                 pass
@@ -280,11 +283,7 @@ async def test_a_trust_env_session_with_netrc_credentials_for_other_hosts_works(
 ) -> None:
     """A .netrc with logins for other hosts only leaves a trust_env session usable, with the API key sent."""
     _write_netrc(home / ".netrc", "files.example.org")
-    async with (
-        aiohttp.ClientSession(trust_env=True) as session,
-        na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY,
-                        session=session) as client,
-    ):
+    async with _client_on_trust_env_session(emulator) as client:
         result = await client.merge_face(FACE, TARGET)
     assert result.attempts == 1
     assert emulator.stats.requests == 1
@@ -294,11 +293,7 @@ async def test_a_trust_env_session_with_netrc_credentials_for_other_hosts_works(
                     reason="aiohttp < 3.14 sends the .netrc login in place of the key (a 401), unseen by the client")
 async def test_a_netrc_entry_written_after_the_client_was_made(emulator: Emulator, home: Path) -> None:
     """An entry that appears once the client exists: aiohttp's refusal becomes the same ConfigurationError."""
-    async with (
-        aiohttp.ClientSession(trust_env=True) as session,
-        na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY,
-                        session=session) as client,
-    ):
+    async with _client_on_trust_env_session(emulator) as client:
         _write_netrc(home / ".netrc", "127.0.0.1")
         with pytest.raises(na.ConfigurationError, match=r"trust_env=True and a \.netrc file") as raised:
             await client.merge_face(FACE, TARGET)
