@@ -40,7 +40,7 @@ from novita_async._output import FileSink, MemorySink, Sink, check_writable
 from novita_async._pacing import Pacer, PacerProtocol
 from novita_async._prepare import prepare_inputs
 from novita_async._result import MergeFaceResult
-from novita_async._retry import retry_call
+from novita_async._retry import RetryBudgetSpent, RetryDeadline, retry_call
 from novita_async._sources import (
     close_sources,
 )
@@ -373,11 +373,14 @@ class NovitaClient:
                     self._writable_folders.clear()
                 self._writable_folders.add(out_path.parent)
 
+            deadline = RetryDeadline(self.retry.total_timeout)
+
             async def attempt(number: int) -> tuple[str, Sink]:
                 self._check_open(session)  # a retry after aclose() must not reach aiohttp
                 sink: Sink = FileSink(out_path, self._files) if out_path is not None else MemorySink()
                 try:
-                    image_type = await self._attempt(session, body, sink, response_image_type, gate)
+                    image_type = await self._attempt(session, body, sink, response_image_type, gate,
+                                                     deadline.waits_end(number), deadline)
                     await sink.commit()
                 except NovitaError as exc:
                     await sink.discard()
@@ -391,7 +394,7 @@ class NovitaClient:
                 return image_type, sink
 
             (image_type, sink), attempts = await retry_call(
-                attempt, self.retry, what="merge-face",
+                attempt, self.retry, what="merge-face", deadline=deadline,
                 sleep=lambda seconds: self._sleep(seconds, gate))
             data = sink.data if isinstance(sink, MemorySink) else None
             return MergeFaceResult(
@@ -408,11 +411,20 @@ class NovitaClient:
         body: RequestBody,
         sink: Sink,
         requested: str,
-        gate: SendGate | None = None,
+        gate: SendGate | None,
+        waits_end: float,
+        deadline: RetryDeadline,
     ) -> str:
-        """One attempt: take a slot, wait for the pace, send, stream the answer."""
+        """One attempt: take a slot, wait for the pace, send, stream the answer.
+
+        Raises:
+            RetryBudgetSpent: the wait for the pace passed ``waits_end``
+                (anyio's clock: a retry's budget), before anything was sent.
+        """
         acquired = False
         try:
+            # Not bounded by the retry budget: a retry queues for a slot like
+            # any call, and Timeout.pool bounds that.
             with anyio.fail_after(self.timeout.pool), self._closing.waiting():
                 await self._limiter.acquire()
                 acquired = True
@@ -424,13 +436,18 @@ class NovitaClient:
         if not acquired:  # aclose() ended the wait
             raise self._closed_error()
         try:
-            if gate is None:
-                await self._closing.admit(self.pacer.wait_turn)
-            else:
-                await self._closing.admit(lambda: gate.admit(self.pacer.wait_turn))
+            # A 429 cool-down may outlast the retry budget: the retry is then not made.
+            with anyio.CancelScope(deadline=waits_end) as budget:
+                if gate is None:
+                    await self._closing.admit(self.pacer.wait_turn)
+                else:
+                    await self._closing.admit(lambda: gate.admit(self.pacer.wait_turn))
+            if budget.cancelled_caught:
+                raise RetryBudgetSpent
             # The waits above may have outlasted the client: nothing awaits
             # between this check and aiohttp's own.
             self._check_open(session)
+            deadline.start()  # the retry budget runs from the first attempt's send
             try:
                 image_type = await send_merge_request(
                     session, f"{self.base_url}{MERGE_FACE_PATH}", self._api_key, body, sink,

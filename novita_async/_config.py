@@ -132,7 +132,10 @@ class RetryPolicy:
         initial_wait: First backoff, seconds.
         max_wait: Cap on one backoff, seconds.
         total_timeout: Give up retrying once this many seconds have passed since
-            the first attempt started (the running attempt is not cut short).
+            the first attempt started sending (waits for a free slot or the pace
+            before it do not count).  A retry whose wait for the pace (a 429
+            cool-down) would end later is not made; the running attempt is not
+            cut short.
         jitter: Fraction of each wait that is randomised (0 = none, 1 = full).
         max_retry_after: Cap on a server-requested wait, seconds.
 

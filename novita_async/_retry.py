@@ -5,6 +5,12 @@ connections, timeouts, bodies cut short); everything else, local errors
 included, surfaces at once.  The last real error is re-raised (never
 ``tenacity.RetryError``) with ``attempts`` set on it.
 
+``RetryPolicy.total_timeout`` runs on a :class:`RetryDeadline`: from when the
+first attempt starts sending (a call queued for a slot or for the pace has not
+started yet), and it bounds every wait before a retry, the retry's wait for
+the pace included (a 429 cool-down).  A retry's wait for a free slot is
+``Timeout.pool``'s.
+
 A server's ``Retry-After`` sets the wait before the retry on every status
 retried (429, 5xx, 408), capped at ``RetryPolicy.max_retry_after``; only a
 429 also slows the client's other requests (the pacer, in ``_client``).
@@ -13,6 +19,7 @@ retried (429, 5xx, 408), capped at ``RetryPolicy.max_retry_after``; only a
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +37,7 @@ from tenacity import (
 from novita_async._config import RetryPolicy
 from novita_async._errors import APIStatusError, NovitaError
 
-__all__ = ["is_retryable", "retry_call", "wait_seconds"]
+__all__ = ["RetryBudgetSpent", "RetryDeadline", "is_retryable", "retry_call", "wait_seconds"]
 
 logger = logging.getLogger("novita_async")
 
@@ -38,6 +45,50 @@ T = TypeVar("T")
 
 #: Jitter for backoff waits (any thread may draw from it; random() is atomic).
 _JITTER = random.Random()
+
+
+class RetryBudgetSpent(Exception):
+    """A retry's wait for the pace ran past the retry deadline.
+
+    Raised by an attempt, never to the caller: :func:`retry_call` raises the
+    last real failure in its place.
+    """
+
+
+class RetryDeadline:
+    """The clock of ``RetryPolicy.total_timeout``, started by the first attempt.
+
+    The budget is for retrying a call, so its clock starts when the first
+    attempt starts sending: a call of a large ``gather`` that waited an hour
+    for a free slot must still get its retries.  Once started, it bounds the
+    waits before each retry, the retry's wait for the pace included: a 429
+    cool-down must not stretch a 20 s budget to 80 s.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._started: float | None = None
+
+    def start(self) -> None:
+        """Start the clock, if it has not started (an attempt is about to send)."""
+        if self._started is None:
+            self._started = time.monotonic()
+
+    def left(self) -> float:
+        """Seconds left of the budget (the clock starts now if it has not)."""
+        self.start()
+        assert self._started is not None
+        return max(0.0, self.seconds - (time.monotonic() - self._started))
+
+    def waits_end(self, attempt_number: int) -> float:
+        """When attempt ``attempt_number``'s waits must end, on anyio's clock (inf: no bound).
+
+        The first attempt's waits are not the retry budget's (its clock has
+        not started); each retry's waits end with the budget.
+        """
+        if attempt_number <= 1:
+            return math.inf
+        return anyio.current_time() + self.left()
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -71,8 +122,14 @@ async def retry_call(
     what: str = "request",
     rng: random.Random | None = None,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    deadline: RetryDeadline | None = None,
 ) -> tuple[T, int]:
     """Call ``attempt(n)`` for n = 1, 2, ... until it succeeds or may not retry.
+
+    Args:
+        deadline: The budget's clock, for an attempt that starts it itself
+            when it starts sending; by default it starts now.  An attempt
+            whose waits pass it raises :class:`RetryBudgetSpent`.
 
     Returns:
         The result and the number of attempts made.
@@ -80,7 +137,9 @@ async def retry_call(
     Raises:
         The last attempt's exception, with ``attempts`` set on NovitaErrors.
     """
-    started = time.monotonic()
+    if deadline is None:
+        deadline = RetryDeadline(policy.total_timeout)
+        deadline.start()
     # The first attempt runs without tenacity: most calls succeed at once, and
     # a retrying object and its call state refer to each other, a cycle only
     # the cyclic garbage collector frees (~40 objects a call: 9% of a small
@@ -92,7 +151,7 @@ async def retry_call(
         exc.attempts = 1
         if not is_retryable(exc) or policy.max_attempts <= 1:
             raise
-        first_failure = exc
+        first_failure = last_failure = exc
 
     # One shared generator: seeding a new Random() reads os.urandom and cost
     # ~50 us per call, on every job, for jitter that is rarely needed.
@@ -111,9 +170,8 @@ async def retry_call(
         )
 
     # The deadline counts from the first attempt, not from tenacity's start.
-    remaining = max(0.0, policy.total_timeout - (time.monotonic() - started))
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(remaining),
+        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(deadline.left()),
         wait=wait,
         retry=retry_if_exception(is_retryable),
         reraise=True,
@@ -127,10 +185,21 @@ async def retry_call(
                 number = state.retry_state.attempt_number
                 if number == 1:
                     raise first_failure
-                result = await attempt(number)
+                try:
+                    result = await attempt(number)
+                except NovitaError as exc:
+                    last_failure = exc
+                    raise
             if not state.retry_state.outcome or not state.retry_state.outcome.failed:
                 return result, number
     except NovitaError as exc:
         exc.attempts = number
         raise
-    raise AssertionError("unreachable: tenacity ended without a result")  # pragma: no cover
+    except RetryBudgetSpent:
+        pass
+    # Retry ``number`` never started: its waits ran out the budget.  Raised
+    # outside the handler so the failure keeps its own cause and context.
+    logger.info("%s: retry budget (%g s) spent waiting to retry; giving up after %d attempts",
+                what, policy.total_timeout, number - 1)
+    last_failure.attempts = number - 1
+    raise last_failure
