@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks._clients import CLIENTS
-from benchmarks._emulator import EmulatorProcess
+from benchmarks._clients import CLIENTS, REFERENCE
+from benchmarks._emulator import EmulatorProcess, StatsDelta
 from benchmarks._images import SIZES, ImagePair, make_pair
 from benchmarks._measure import FloorModel, busy_share, measure_floor_model
 from benchmarks._report import Report
@@ -141,9 +141,32 @@ def _fits(client: str, pair: ImagePair, concurrency: int) -> bool:
     return need < 0.75 * _available_memory()
 
 
+def _grid_run(client: str, pair: ImagePair, concurrency: int, jobs: int,
+              work: Folders) -> tuple[dict[str, Any], StatsDelta]:
+    """One client on one cell, against a fresh emulator: the child's result and the emulator's counts."""
+    out_dir = work.results
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    with EmulatorProcess(latency=LATENCY) as emulator:
+        before = emulator.stats()
+        cpu_before = emulator.cpu_seconds()
+        spec = {"kind": "grid", "client": client, "url": emulator.url,
+                "api_key": emulator.api_key, "face": str(pair.face),
+                "image": str(pair.image), "concurrency": concurrency,
+                "jobs": jobs, "out_dir": str(out_dir)}
+        result = _run_child(spec)
+        result["emulator_cpu_seconds"] = emulator.cpu_seconds() - cpu_before
+        delta = EmulatorProcess.delta(before, emulator.stats())
+    return result, delta
+
+
 def run_grid(plan: Plan, work: Folders, clients: tuple[str, ...], sizes: tuple[str, ...],
              report: Report) -> None:
-    """Every size x concurrency x client, each against a fresh emulator."""
+    """Every size x concurrency x client, each against a fresh emulator.
+
+    In the cells the CPU target judges, the exchange alone (``REFERENCE``)
+    runs after the peers, as a reference for novita_async's CPU per job.
+    """
     for size in sizes:
         pair = make_pair(size, work.images)
         for concurrency in plan.grid[size]:
@@ -155,22 +178,15 @@ def run_grid(plan: Plan, work: Folders, clients: tuple[str, ...], sizes: tuple[s
                                     {"error": "skipped: would not fit in memory"}, None,
                                     input_bytes=pair.input_bytes)
                     continue
-                out_dir = work.results
-                shutil.rmtree(out_dir, ignore_errors=True)
-                out_dir.mkdir(parents=True)
-                with EmulatorProcess(latency=LATENCY) as emulator:
-                    before = emulator.stats()
-                    cpu_before = emulator.cpu_seconds()
-                    spec = {"kind": "grid", "client": client, "url": emulator.url,
-                            "api_key": emulator.api_key, "face": str(pair.face),
-                            "image": str(pair.image), "concurrency": concurrency,
-                            "jobs": jobs, "out_dir": str(out_dir)}
-                    result = _run_child(spec)
-                    result["emulator_cpu_seconds"] = emulator.cpu_seconds() - cpu_before
-                    delta = EmulatorProcess.delta(before, emulator.stats())
+                result, delta = _grid_run(client, pair, concurrency, jobs, work)
                 row = report.add_grid(size, concurrency, client, jobs, result, delta,
                                       input_bytes=pair.input_bytes)
                 _log(f"grid {size} C={concurrency} {client}: {row.summary()}")
+            if "novita_async" in clients and report.cpu_target_applies(size, concurrency):
+                result, delta = _grid_run(REFERENCE, pair, concurrency, jobs, work)
+                row = report.add_reference(size, concurrency, jobs, result, delta,
+                                           input_bytes=pair.input_bytes)
+                _log(f"grid {size} C={concurrency} {REFERENCE} (reference): {row.summary()}")
         shutil.rmtree(work.results, ignore_errors=True)
 
 

@@ -17,18 +17,24 @@ process around it does the measuring (see ``_child.py``).
    would otherwise cap it at 128).
 3. ``novita_async``: ``NovitaClient(max_concurrency=C)`` with default settings
    and ``client.batch(...)`` over a lazy generator of ``MergeJob``.
+
+Not a peer: ``exchange`` (:data:`REFERENCE`) moves the same bytes and does
+nothing else, as a reference for the CPU target (see :func:`run_exchange`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["CLIENTS", "GridSpec", "Outcome", "preload", "run_client"]
+__all__ = ["CLIENTS", "REFERENCE", "GridSpec", "Outcome", "preload", "run_client"]
 
 #: The peers, in the order they appear in tables and charts.
 CLIENTS = ("official", "naive", "novita_async")
+#: The reference run beside the peers in the cells the CPU target judges.
+REFERENCE = "exchange"
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,66 @@ async def run_naive(spec: GridSpec) -> Outcome:
     return outcome
 
 
+#: Size of the views the exchange reference hands aiohttp (each one send).
+_EXCHANGE_PIECE = 512 * 1024
+
+
+async def run_exchange(spec: GridSpec) -> Outcome:
+    """The HTTP exchange alone: what moving a cell's bytes through aiohttp costs.
+
+    Not a client anyone would use: the request body is built once, before
+    the run (no reading, no encoding per job), and handed to aiohttp as views
+    of it (no copies); each answer is taken piece by piece as it arrives and
+    dropped (no joining, no JSON, no decoding, no file).  What is left is the
+    least an aiohttp client pays per job to send this body and take this
+    answer over loopback, beside the floor's idealised socket costs.
+    """
+    import asyncio
+    import base64
+    import json
+
+    import aiohttp
+
+    with open(spec.face, "rb") as handle:  # noqa: ASYNC230  # once, before the measured jobs
+        face = base64.b64encode(handle.read()).decode()
+    with open(spec.image, "rb") as handle:  # noqa: ASYNC230
+        image = base64.b64encode(handle.read()).decode()
+    body = memoryview(json.dumps({"face_image_file": face, "image_file": image,
+                                  "extra": {"response_image_type": "png"}}).encode())
+    del face, image
+    outcome = Outcome()
+    semaphore = asyncio.Semaphore(spec.concurrency)
+    # An exact length: an async iterable body would otherwise go chunked.
+    headers = {"Authorization": f"Bearer {spec.api_key}", "Content-Type": "application/json",
+               "Content-Length": str(len(body))}
+    url = f"{spec.url}/v3/merge-face"
+
+    async def pieces() -> AsyncIterator[memoryview]:
+        for start in range(0, len(body), _EXCHANGE_PIECE):
+            yield body[start : start + _EXCHANGE_PIECE]
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        async with semaphore, session.post(url, data=pieces(), headers=headers) as response:
+            response.raise_for_status()
+            async for _piece in response.content.iter_chunks():
+                pass
+        outcome.done_at.append(time.perf_counter())
+
+    connector = aiohttp.TCPConnector(limit=spec.concurrency)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(session) for _ in range(spec.jobs)),
+                                       return_exceptions=True)
+        outcome.elapsed = time.perf_counter() - started
+    for result in results:
+        if isinstance(result, BaseException):
+            outcome.fail(result)
+        else:
+            outcome.ok += 1
+    return outcome
+
+
 async def run_novita_async(spec: GridSpec) -> Outcome:
     """novita_async with default settings and its batch API."""
     import novita_async as na
@@ -181,7 +247,7 @@ def preload(name: str) -> None:
 
     if name == "official":
         import novita_client  # noqa: F401
-    elif name == "naive":
+    elif name in ("naive", REFERENCE):
         import aiohttp  # noqa: F401
     else:
         import novita_async._images  # noqa: F401  # imported lazily by the first check
@@ -197,4 +263,6 @@ def run_client(name: str, spec: GridSpec) -> Outcome:
         return asyncio.run(run_naive(spec))
     if name == "novita_async":
         return asyncio.run(run_novita_async(spec))
-    raise ValueError(f"unknown client {name!r}; known: {', '.join(CLIENTS)}")
+    if name == REFERENCE:
+        return asyncio.run(run_exchange(spec))
+    raise ValueError(f"unknown client {name!r}; known: {', '.join((*CLIENTS, REFERENCE))}")

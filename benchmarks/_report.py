@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks._clients import CLIENTS
+from benchmarks._clients import CLIENTS, REFERENCE
 from benchmarks._emulator import StatsDelta
 from benchmarks._measure import Floor, FloorModel
 from benchmarks._rows import GridRow, ManifestRow, PacingRow, Target
@@ -83,6 +83,8 @@ class Report:
         # A re-render keeps the machine the numbers were measured on.
         self.machine = machine_info if machine_info is not None else machine()
         self.grid: list[GridRow] = []
+        # The exchange alone (not a peer), in the cells the CPU target judges.
+        self.references: list[GridRow] = []
         self.manifests: list[ManifestRow] = []
         self.pacing: list[PacingRow] = []
         self.total_seconds = 0.0
@@ -99,6 +101,20 @@ class Report:
                  result: dict[str, Any], delta: StatsDelta | None, *,
                  input_bytes: int) -> GridRow:
         """Record one grid run."""
+        row = self._row(size, concurrency, client, jobs, result, delta, input_bytes=input_bytes)
+        self.grid.append(row)
+        return row
+
+    def add_reference(self, size: str, concurrency: int, jobs: int, result: dict[str, Any],
+                      delta: StatsDelta | None, *, input_bytes: int) -> GridRow:
+        """Record the exchange-alone run of a cell (kept apart from the peers' rows)."""
+        row = self._row(size, concurrency, REFERENCE, jobs, result, delta, input_bytes=input_bytes)
+        self.references.append(row)
+        return row
+
+    @staticmethod
+    def _row(size: str, concurrency: int, client: str, jobs: int, result: dict[str, Any],
+             delta: StatsDelta | None, *, input_bytes: int) -> GridRow:
         row = GridRow(size, concurrency, client, jobs, input_bytes, error=result.get("error"))
         if row.error is None:
             row.ok, row.failed, row.elapsed = result["ok"], result["failed"], result["elapsed"]
@@ -114,7 +130,6 @@ class Report:
         if delta is not None:
             row.handling = delta.handling_per_request
             row.handling_cpu = delta.handling_cpu_seconds / delta.handled if delta.handled else 0
-        self.grid.append(row)
         return row
 
     def add_manifest(self, rows: int, stop_after: int, *, manifest_bytes: int,
@@ -191,6 +206,29 @@ class Report:
         floor = self.floor_parts(size, concurrency)
         return floor.with_files if floor and floor.files else None
 
+    def cpu_target_applies(self, size: str, concurrency: int) -> bool:
+        """Whether the CPU target judges this cell: CPU-bound, with images whose bytes dominate."""
+        return size != "small" and self.bound(size, concurrency) == "CPU"
+
+    def reference(self, size: str, concurrency: int) -> GridRow | None:
+        """The cell's exchange-alone run, if it finished."""
+        for row in self.references:
+            if (row.size, row.concurrency) == (size, concurrency) and row.valid:
+                return row
+        return None
+
+    def exchange_bound(self, size: str, concurrency: int) -> float | None:
+        """The exchange alone, plus the floor's codec and the file work: seconds per job.
+
+        What a client that streams nothing would pay at least: aiohttp's cost
+        of moving the cell's bytes (measured), base64 at the floor's speeds,
+        and reading the inputs and writing the result.
+        """
+        exchange, floor = self.reference(size, concurrency), self.floor_parts(size, concurrency)
+        if exchange is None or floor is None or not floor.files:
+            return None
+        return exchange.cpu_per_job + floor.encode + floor.decode + floor.files
+
     def bound(self, size: str, concurrency: int) -> str:
         """'latency' or 'CPU': would the ideal rate need most of the machine's cores?"""
         rows = [r for r in self.rows(size, concurrency).values() if r.valid]
@@ -254,7 +292,7 @@ class Report:
                     out.append(Target(f"RSS growth below {peer}", where, f"{ratio:.0f}x lower",
                                       f">= {RSS_RATIO:.0f}x", ratio >= RSS_RATIO))
         for size, concurrency in self.cells():
-            if self.bound(size, concurrency) != "CPU" or size == "small":
+            if not self.cpu_target_applies(size, concurrency):
                 continue
             ours = self.rows(size, concurrency).get("novita_async")
             floor = self.floor(size, concurrency)
@@ -307,6 +345,27 @@ class Report:
                     f"{row.peak_rss / MB:.0f} | {row.growth / MB:.0f} |")
         return "\n".join(lines)
 
+    def exchange_table(self) -> str:
+        """The exchange-alone reference beside novita_async, as a markdown table."""
+        lines = ["| size | C | exchange CPU ms/job | floor ms | exchange/floor "
+                 "| exchange + codec + files ms | novita_async CPU ms/job "
+                 "| novita_async / (exchange + codec + files) |",
+                 "|---|--:|--:|--:|--:|--:|--:|--:|"]
+        for row in self.references:
+            size, concurrency = row.size, row.concurrency
+            if not row.valid:
+                lines.append(f"| {size} | {concurrency} | {(row.error or 'failed')[:60]} ||||||")
+                continue
+            floor, bound = self.floor(size, concurrency), self.exchange_bound(size, concurrency)
+            ours = self.rows(size, concurrency).get("novita_async")
+            ratio = f"{row.cpu_per_job / floor:.2f}x" if floor else ""
+            mine = f"{ours.cpu_per_job * 1e3:.2f}" if ours and ours.valid else ""
+            against = f"{ours.cpu_per_job / bound:.2f}x" if ours and ours.valid and bound else ""
+            lines.append(f"| {size} | {concurrency} | {row.cpu_per_job * 1e3:.2f} | "
+                         f"{(floor or 0) * 1e3:.2f} | {ratio} | "
+                         f"{(bound or 0) * 1e3:.2f} | {mine} | {against} |")
+        return "\n".join(lines)
+
     def targets_table(self) -> str:
         """The targets as a markdown table."""
         lines = ["| target | where | measured | goal | result |", "|---|---|--:|--:|---|"]
@@ -351,6 +410,8 @@ class Report:
         """What the terminal shows at the end."""
         parts = [f"novita_async benchmarks ({self.mode}), {self.date}", "", self.grid_table(),
                  "", self.targets_table()]
+        if self.references:
+            parts += ["", self.exchange_table()]
         if self.manifests:
             parts += ["", self.manifest_table()]
         if self.pacing:
@@ -372,6 +433,7 @@ class Report:
             return kind(**{k: v for k, v in row.items() if k in kind.__dataclass_fields__})
 
         report.grid = [pick(GridRow, row) for row in data["grid"]]
+        report.references = [pick(GridRow, row) for row in data.get("references", [])]
         report.manifests = [pick(ManifestRow, row) for row in data["manifests"]]
         report.pacing = [pick(PacingRow, row) for row in data["pacing"]]
         return report
@@ -386,6 +448,9 @@ class Report:
             "grid": [asdict(r) | {"throughput": r.throughput, "overall_throughput": r.overall_throughput,
                                   "growth": r.growth,
                                   "cpu_per_job": r.cpu_per_job} for r in self.grid],
+            "references": [asdict(r) | {"cpu_per_job": r.cpu_per_job,
+                                        "exchange_bound": self.exchange_bound(r.size, r.concurrency)}
+                           for r in self.references],
             "cells": [{"size": s, "concurrency": c, "ideal": self.ideal(s, c),
                        "handling": self.handling(s, c), "floor": self.floor(s, c),
                        "floor_with_files": self.floor_with_files(s, c),
@@ -437,7 +502,7 @@ file as PNG); all three produced byte-identical outputs{self._identical_note()}.
 
 {self.grid_table()}
 
-## Manifest scale (novita_async, lazy CSV manifest, emulator latency 0)
+{self._exchange_section()}## Manifest scale (novita_async, lazy CSV manifest, emulator latency 0)
 
 {self.manifest_table() if self.manifests else "not run"}
 
@@ -448,6 +513,22 @@ file as PNG); all three produced byte-identical outputs{self._identical_note()}.
 {findings(self)}
 
 {METHOD}
+"""
+
+    def _exchange_section(self) -> str:
+        if not self.references:
+            return ""
+        return f"""## CPU reference: the exchange alone
+
+In each cell the CPU target judges, one more run moved the same bytes and did nothing
+else: aiohttp, the request body built once before the run (no reads, no base64 per
+job), each answer read whole into memory and dropped (no JSON, no decoding, no file).
+It is not a client; it shows what this machine charges an aiohttp client for the HTTP
+exchange of these bytes, beside the floor's idealised socket. Adding the floor's base64
+and the file work to it gives the least a client doing this cell's jobs could spend.
+
+{self.exchange_table()}
+
 """
 
     def _others(self) -> str:

@@ -169,3 +169,66 @@ def test_the_committed_results_re_render_to_the_targets_they_recorded() -> None:
         row = next(line for line in markdown.splitlines()
                    if line.startswith(f"| {name} | {where} | {value} |"))
         assert row.endswith(f"| {verdict} |")
+
+
+def with_exchange(report: Report, *, cpu: float, size: str = "medium", concurrency: int = 32) -> GridRow:
+    """Add the cell's exchange-alone run, at ``cpu`` seconds per job."""
+    reference = row(size, concurrency, "exchange", rate=60, cpu=cpu, emulator_cpu=0.05)
+    reference.output_bytes = reference.output_sha1 = None  # it writes nothing
+    report.references.append(reference)
+    return reference
+
+
+def test_the_exchange_reference_is_kept_apart_from_the_peers() -> None:
+    """The reference neither joins a cell's peers nor moves its bound; it is judged beside novita_async."""
+    report = make_report(row("medium", 32, "novita_async", rate=60, cpu=0.005, emulator_cpu=0.05))
+    bound_before = report.bound("medium", 32)
+    with_exchange(report, cpu=0.0001)  # far cheaper than any peer: it would change the bound if counted
+    assert set(report.rows("medium", 32)) == {"novita_async"}
+    assert report.bound("medium", 32) == bound_before
+    parts = FLOOR.floor(MEDIUM_IN, MEDIUM_OUT)
+    assert report.exchange_bound("medium", 32) == pytest.approx(
+        0.0001 + parts.encode + parts.decode + parts.files)
+    table = report.exchange_table()
+    assert f"| medium | 32 | 0.10 | {parts.total * 1e3:.2f} | {0.0001 / parts.total:.2f}x |" in table
+    assert table.rstrip().endswith(f"| 5.00 | {0.005 / (0.0001 + parts.encode + parts.decode + parts.files):.2f}x |")
+    again = Report.from_json(json.loads(json.dumps(report.as_json())))
+    assert again.exchange_table() == table
+    assert "## CPU reference: the exchange alone" in again.markdown()
+
+
+def test_a_missed_cpu_target_cites_the_exchange_alone() -> None:
+    """The notes say where the exchange alone is past the goal, and where it did not bound novita_async."""
+    report = make_report(row("medium", 32, "novita_async", rate=60, cpu=0.005, emulator_cpu=0.05))
+    floor = report.floor("medium", 32)
+    assert floor is not None
+    with_exchange(report, cpu=2.0 * floor)
+    text = findings(report)
+    assert "cost 2.00-2.00x the floor in these cells, past the goal by itself in 1 of 1 (medium, C=32)." in text
+    assert "not a strict bound" not in text
+    report.references[0].cpu_seconds = 0.006 * report.references[0].jobs  # more than novita_async's whole job
+    assert "in medium, C=32 novita_async's whole job cost less than the exchange" in findings(report)
+
+
+def test_no_reference_no_section() -> None:
+    report = make_report(row("medium", 32, "novita_async", rate=60, cpu=0.005, emulator_cpu=0.05))
+    assert "## CPU reference" not in report.markdown()
+    assert "exchange alone" not in findings(report)
+
+
+@pytest.mark.anyio
+async def test_the_exchange_reference_moves_every_job_through_the_emulator(tmp_path: Path) -> None:
+    """The reference run sends whole bodies the emulator accepts and takes every answer."""
+    from benchmarks._clients import GridSpec, run_exchange
+    from benchmarks._images import make_pair
+    from novita_async.emulator import Emulator, EmulatorConfig
+
+    pair = make_pair("small", tmp_path)
+    async with Emulator(EmulatorConfig(engine="composite")) as emulator:
+        spec = GridSpec(url=emulator.url, api_key=emulator.api_key, face=str(pair.face),
+                        image=str(pair.image), concurrency=3, jobs=7, out_dir=str(tmp_path / "out"))
+        outcome = await run_exchange(spec)
+        assert (outcome.ok, outcome.failed, outcome.errors) == (7, 0, [])
+        assert emulator.stats.requests == 7
+        assert sum(emulator.stats.successes.values()) == 7
+        assert emulator.stats.chunked_requests == 0
