@@ -166,11 +166,29 @@ def test_adaptive_pace_does_not_grow_while_something_else_limits_the_starts() ->
         assert pacer.reserve(clock.now) == 0.0
         pacer.on_success()
     assert pacer.rate == cut
-    # Once starts queue behind the pace again, it grows.
-    for _ in range(3):
+    # Once starts queue behind the pace again (for a window of them), it grows.
+    for _ in range(8):
         pacer.reserve(clock.now)
     pacer.on_success()
     assert pacer.rate > cut
+
+
+def test_adaptive_pace_does_not_grow_on_bunched_starts_below_it() -> None:
+    """Starts that come in pairs (two callers freed at once) but at half the pace in all:
+    the second of each pair waits a turn, yet the pace is not what limits them.  The
+    pace stays put (it grew 0.5% a success before, 7x over these 400)."""
+    clock = FakeClock(0.0)
+    pacer = Pacer(None, clock=clock)
+    pacer.on_rate_limited(0.0)
+    cut = pacer.rate
+    assert cut is not None
+    for step in range(1, 201):
+        clock.now = 10.0 + step * 4.0 / cut  # a pair every four intervals
+        assert pacer.reserve(clock.now) == 0.0
+        assert pacer.reserve(clock.now) > 0.0  # held back a turn
+        pacer.on_success()
+        pacer.on_success()
+    assert pacer.rate == cut
 
 
 def test_adaptive_rate_has_a_floor() -> None:
