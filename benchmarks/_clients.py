@@ -25,9 +25,10 @@ nothing else, as a reference for the CPU target (see :func:`run_exchange`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["CLIENTS", "REFERENCE", "GridSpec", "Outcome", "preload", "run_client"]
 
@@ -115,6 +116,28 @@ def run_official(spec: GridSpec) -> Outcome:
     return outcome
 
 
+async def _gather_jobs(spec: GridSpec, one: Callable[[Any, int], Awaitable[None]],
+                       outcome: Outcome) -> Outcome:
+    """``one(session, index)`` for every job, gathered on one aiohttp session of the cell's width."""
+    import asyncio
+
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=spec.concurrency)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(session, i) for i in range(spec.jobs)),
+                                       return_exceptions=True)
+        outcome.elapsed = time.perf_counter() - started
+    for result in results:
+        if isinstance(result, BaseException):
+            outcome.fail(result)
+        else:
+            outcome.ok += 1
+    return outcome
+
+
 async def run_naive(spec: GridSpec) -> Outcome:
     """The aiohttp client most users write."""
     import asyncio
@@ -145,19 +168,7 @@ async def run_naive(spec: GridSpec) -> Outcome:
                 handle.write(data)
             outcome.done_at.append(time.perf_counter())
 
-    connector = aiohttp.TCPConnector(limit=spec.concurrency)
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        started = time.perf_counter()
-        results = await asyncio.gather(*(one(session, i) for i in range(spec.jobs)),
-                                       return_exceptions=True)
-        outcome.elapsed = time.perf_counter() - started
-    for result in results:
-        if isinstance(result, BaseException):
-            outcome.fail(result)
-        else:
-            outcome.ok += 1
-    return outcome
+    return await _gather_jobs(spec, one, outcome)
 
 
 #: Size of the views the exchange reference hands aiohttp (each one send).
@@ -205,19 +216,7 @@ async def run_exchange(spec: GridSpec) -> Outcome:
                 pass
         outcome.done_at.append(time.perf_counter())
 
-    connector = aiohttp.TCPConnector(limit=spec.concurrency)
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        started = time.perf_counter()
-        results = await asyncio.gather(*(one(session) for _ in range(spec.jobs)),
-                                       return_exceptions=True)
-        outcome.elapsed = time.perf_counter() - started
-    for result in results:
-        if isinstance(result, BaseException):
-            outcome.fail(result)
-        else:
-            outcome.ok += 1
-    return outcome
+    return await _gather_jobs(spec, lambda session, _index: one(session), outcome)
 
 
 async def run_novita_async(spec: GridSpec) -> Outcome:
