@@ -380,7 +380,7 @@ class NovitaClient:
                 sink: Sink = FileSink(out_path, self._files) if out_path is not None else MemorySink()
                 try:
                     image_type = await self._attempt(session, body, sink, response_image_type, gate,
-                                                     deadline.waits_end(number), deadline)
+                                                     number, deadline)
                     await sink.commit()
                 except NovitaError as exc:
                     await sink.discard()
@@ -412,19 +412,20 @@ class NovitaClient:
         sink: Sink,
         requested: str,
         gate: SendGate | None,
-        waits_end: float,
+        number: int,
         deadline: RetryDeadline,
     ) -> str:
-        """One attempt: take a slot, wait for the pace, send, stream the answer.
+        """Attempt ``number``: take a slot, wait for the pace, send, stream the answer.
 
         Raises:
-            RetryBudgetSpent: the wait for the pace passed ``waits_end``
-                (anyio's clock: a retry's budget), before anything was sent.
+            RetryBudgetSpent: a retry's wait for the pace would pass the retry
+                budget (``deadline``); nothing was sent.
         """
         acquired = False
+        queued = anyio.current_time()
         try:
-            # Not bounded by the retry budget: a retry queues for a slot like
-            # any call, and Timeout.pool bounds that.
+            # Not bounded by the retry budget, nor counted in it: a retry queues
+            # for a slot like any call, and Timeout.pool bounds that.
             with anyio.fail_after(self.timeout.pool), self._closing.waiting():
                 await self._limiter.acquire()
                 acquired = True
@@ -436,8 +437,10 @@ class NovitaClient:
         if not acquired:  # aclose() ended the wait
             raise self._closed_error()
         try:
+            if number > 1:
+                deadline.exclude(anyio.current_time() - queued)
             # A 429 cool-down may outlast the retry budget: the retry is then not made.
-            with anyio.CancelScope(deadline=waits_end) as budget:
+            with anyio.CancelScope(deadline=deadline.waits_end(number)) as budget:
                 if gate is None:
                     await self._closing.admit(self.pacer.wait_turn)
                 else:

@@ -9,7 +9,7 @@ included, surfaces at once.  The last real error is re-raised (never
 first attempt starts sending (a call queued for a slot or for the pace has not
 started yet), and it bounds every wait before a retry, the retry's wait for
 the pace included (a 429 cool-down).  A retry's wait for a free slot is
-``Timeout.pool``'s.
+``Timeout.pool``'s and stops the clock.
 
 A server's ``Retry-After`` sets the wait before the retry on every status
 retried (429, 5xx, 408), capped at ``RetryPolicy.max_retry_after``; only a
@@ -30,8 +30,6 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    stop_after_attempt,
-    stop_before_delay,
 )
 
 from novita_async._config import RetryPolicy
@@ -47,6 +45,11 @@ T = TypeVar("T")
 _JITTER = random.Random()
 
 
+#: A retry's wait for the pace may end this long after the budget, seconds:
+#: enough for a turn that is due at once (taking it passes through a lock).
+_TURN_GRACE = 0.05
+
+
 class RetryBudgetSpent(Exception):
     """A retry's wait for the pace ran past the retry deadline.
 
@@ -59,10 +62,11 @@ class RetryDeadline:
     """The clock of ``RetryPolicy.total_timeout``, started by the first attempt.
 
     The budget is for retrying a call, so its clock starts when the first
-    attempt starts sending: a call of a large ``gather`` that waited an hour
-    for a free slot must still get its retries.  Once started, it bounds the
-    waits before each retry, the retry's wait for the pace included: a 429
-    cool-down must not stretch a 20 s budget to 80 s.
+    attempt starts sending, and stops while a retry queues for a free slot:
+    a call of a large ``gather`` queues behind the others, and must still get
+    its retries.  Once started, it bounds the waits before each retry, the
+    retry's wait for the pace included: a 429 cool-down must not stretch a
+    20 s budget to 80 s.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -74,6 +78,11 @@ class RetryDeadline:
         if self._started is None:
             self._started = time.monotonic()
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (a retry's wait for a free slot) out of the budget's clock."""
+        if self._started is not None:
+            self._started += seconds
+
     def left(self) -> float:
         """Seconds left of the budget (the clock starts now if it has not)."""
         self.start()
@@ -81,14 +90,15 @@ class RetryDeadline:
         return max(0.0, self.seconds - (time.monotonic() - self._started))
 
     def waits_end(self, attempt_number: int) -> float:
-        """When attempt ``attempt_number``'s waits must end, on anyio's clock (inf: no bound).
+        """When attempt ``attempt_number``'s wait for the pace must end, on anyio's clock (inf: no bound).
 
         The first attempt's waits are not the retry budget's (its clock has
-        not started); each retry's waits end with the budget.
+        not started); each retry's end with the budget, or a moment from now:
+        a retry the loop let go may take a turn that is due at once.
         """
         if attempt_number <= 1:
             return math.inf
-        return anyio.current_time() + self.left()
+        return anyio.current_time() + max(self.left(), _TURN_GRACE)
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -169,9 +179,13 @@ async def retry_call(
             what, _describe(exc), state.attempt_number, policy.max_attempts, sleep,
         )
 
-    # The deadline counts from the first attempt, not from tenacity's start.
+    def stop(state: RetryCallState) -> bool:
+        # The deadline, not tenacity's own clock: it counts from the first
+        # attempt's send and stops while a retry queues for a slot.
+        return state.attempt_number >= policy.max_attempts or state.upcoming_sleep >= deadline.left()
+
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(deadline.left()),
+        stop=stop,
         wait=wait,
         retry=retry_if_exception(is_retryable),
         reraise=True,

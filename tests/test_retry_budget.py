@@ -97,3 +97,28 @@ async def test_a_call_that_waited_longer_than_the_budget_for_a_slot_still_retrie
             tasks.start_soon(run, "queued", FACE)
     assert results["holder"].attempts == 1
     assert results["queued"].attempts == 2
+
+
+async def test_a_retry_queued_for_a_slot_longer_than_the_budget_is_still_made(
+    emulator_factory: Callable[..., Emulator],
+) -> None:
+    """A retry's wait for a free slot is Timeout.pool's: it neither spends the budget nor ends the retry."""
+    # The retry backs off 0.2 s, then queues ~0.45 s behind the holder: past the 0.5 s budget.
+    policy = na.RetryPolicy(max_attempts=3, initial_wait=0.2, max_wait=0.2, jitter=0.0, total_timeout=0.5)
+    holder = make_image(seed=14)
+    faults = Faults(fail_first=1, fail_first_kind="503")  # each job's first attempt fails at once
+    async with emulator_factory(faults=faults, latency=0.6) as emu, na.NovitaClient(
+        api_key=emu.api_key, base_url=emu.url, max_concurrency=1, retry=policy, requests_per_minute=60_000,
+    ) as client:
+        await client.merge_face(holder, TARGET)  # this job's failure is spent: its next call takes 0.6 s
+        results: dict[str, na.MergeFaceResult] = {}
+
+        async def run(name: str, face: bytes) -> None:
+            results[name] = await client.merge_face(face, TARGET)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run, "retried", FACE)  # fails at once, backs off, then queues behind the holder
+            await anyio.sleep(0.05)  # the retried call is backing off: the holder takes the slot
+            tasks.start_soon(run, "holder", holder)
+    assert results["holder"].attempts == 1
+    assert results["retried"].attempts == 2
