@@ -134,9 +134,8 @@ class RetryPolicy:
         total_timeout: Give up retrying once this many seconds have passed since
             the first attempt started sending (waits for a free slot or the pace
             before it, and a retry's wait for a free slot, do not count).  A
-            retry whose wait for the pace (a 429
-            cool-down) would end later is not made; the running attempt is not
-            cut short.
+            retry whose wait for the pace (a 429 cool-down) would end later is
+            not made; the running attempt is not cut short.
         jitter: Fraction of each wait that is randomised (0 = none, 1 = full).
         max_retry_after: Cap on a server-requested wait, seconds.
 
