@@ -75,50 +75,55 @@ async def test_a_429_cool_down_longer_than_the_budget_ends_the_call_at_the_budge
     assert 0.55 <= elapsed < 1.5
 
 
-async def test_a_call_that_waited_longer_than_the_budget_for_a_slot_still_retries(
-    emulator_factory: Callable[..., Emulator],
-) -> None:
-    """The budget runs from the first send: queueing behind other calls does not use it up."""
-    policy = na.RetryPolicy(max_attempts=3, initial_wait=0.01, max_wait=0.01, total_timeout=0.3)
-    other = make_image(seed=13)
-    faults = Faults(fail_first=1, fail_first_kind="503")  # each job's first attempt fails at once
+HOLDER = make_image(seed=13)
+
+
+async def race_for_one_slot(
+    emulator_factory: Callable[..., Emulator], policy: na.RetryPolicy, *, fresh_first: bool, pause: float,
+) -> dict[str, na.MergeFaceResult]:
+    """Two calls on one slot, 0.6 s of latency, every job's first attempt a 503 at once.
+
+    The "holder" job has spent its failure beforehand, so its call holds the slot
+    for 0.6 s; the "fresh" job fails at once and retries.  One starts ``pause``
+    seconds after the other (the fresh one first if ``fresh_first``).
+    """
+    faults = Faults(fail_first=1, fail_first_kind="503")
     async with emulator_factory(faults=faults, latency=0.6) as emu, na.NovitaClient(
         api_key=emu.api_key, base_url=emu.url, max_concurrency=1, retry=policy, requests_per_minute=60_000,
     ) as client:
-        await client.merge_face(other, TARGET)  # this job's failure is spent: its next call takes 0.6 s
+        await client.merge_face(HOLDER, TARGET)  # this job's failure is spent: its next call takes 0.6 s
         results: dict[str, na.MergeFaceResult] = {}
 
         async def run(name: str, face: bytes) -> None:
             results[name] = await client.merge_face(face, TARGET)
 
+        calls = [("holder", HOLDER), ("fresh", FACE)]
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(run, "holder", other)
-            await anyio.sleep(0.1)  # the holder has the only slot for the next 0.5 s
-            tasks.start_soon(run, "queued", FACE)
+            first, second = reversed(calls) if fresh_first else calls
+            tasks.start_soon(run, *first)
+            await anyio.sleep(pause)
+            tasks.start_soon(run, *second)
+    return results
+
+
+async def test_a_call_that_waited_longer_than_the_budget_for_a_slot_still_retries(
+    emulator_factory: Callable[..., Emulator],
+) -> None:
+    """The budget runs from the first send: queueing behind other calls does not use it up."""
+    policy = na.RetryPolicy(max_attempts=3, initial_wait=0.01, max_wait=0.01, total_timeout=0.3)
+    # The holder has the only slot for 0.5 s after the fresh call arrives.
+    results = await race_for_one_slot(emulator_factory, policy, fresh_first=False, pause=0.1)
     assert results["holder"].attempts == 1
-    assert results["queued"].attempts == 2
+    assert results["fresh"].attempts == 2
 
 
 async def test_a_retry_queued_for_a_slot_longer_than_the_budget_is_still_made(
     emulator_factory: Callable[..., Emulator],
 ) -> None:
     """A retry's wait for a free slot is Timeout.pool's: it neither spends the budget nor ends the retry."""
-    # The retry backs off 0.2 s, then queues ~0.45 s behind the holder: past the 0.5 s budget.
+    # The fresh call fails at once and backs off 0.2 s; meanwhile the holder takes the slot, so
+    # the retry queues ~0.45 s behind it: past the 0.5 s budget.
     policy = na.RetryPolicy(max_attempts=3, initial_wait=0.2, max_wait=0.2, jitter=0.0, total_timeout=0.5)
-    holder = make_image(seed=14)
-    faults = Faults(fail_first=1, fail_first_kind="503")  # each job's first attempt fails at once
-    async with emulator_factory(faults=faults, latency=0.6) as emu, na.NovitaClient(
-        api_key=emu.api_key, base_url=emu.url, max_concurrency=1, retry=policy, requests_per_minute=60_000,
-    ) as client:
-        await client.merge_face(holder, TARGET)  # this job's failure is spent: its next call takes 0.6 s
-        results: dict[str, na.MergeFaceResult] = {}
-
-        async def run(name: str, face: bytes) -> None:
-            results[name] = await client.merge_face(face, TARGET)
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(run, "retried", FACE)  # fails at once, backs off, then queues behind the holder
-            await anyio.sleep(0.05)  # the retried call is backing off: the holder takes the slot
-            tasks.start_soon(run, "holder", holder)
+    results = await race_for_one_slot(emulator_factory, policy, fresh_first=True, pause=0.05)
     assert results["holder"].attempts == 1
-    assert results["retried"].attempts == 2
+    assert results["fresh"].attempts == 2
