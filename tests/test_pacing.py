@@ -132,13 +132,18 @@ def test_adaptive_paces_after_the_cut() -> None:
     assert pacer.reserve(10.0) == pytest.approx(interval)
 
 
-def test_adaptive_grows_on_success_and_shrinks_on_429() -> None:
-    """While the pace holds starts back, each success raises it a little; each 429 cuts it again."""
+def adaptive_after_a_cut() -> tuple[Pacer, FakeClock, float]:
+    """An adaptive pacer on a fake clock, just cut by its first 429: (pacer, clock, the cut rate)."""
     clock = FakeClock(0.0)
     pacer = Pacer(None, clock=clock)
     pacer.on_rate_limited(0.0)
-    cut = pacer.rate
-    assert cut is not None
+    assert pacer.rate is not None
+    return pacer, clock, pacer.rate
+
+
+def test_adaptive_grows_on_success_and_shrinks_on_429() -> None:
+    """While the pace holds starts back, each success raises it a little; each 429 cuts it again."""
+    pacer, clock, cut = adaptive_after_a_cut()
     for _ in range(10):
         assert pacer.reserve(clock.now) >= 0.0
         assert pacer.reserve(clock.now) > 0.0  # the second booking waits: the pace binds
@@ -156,11 +161,7 @@ def test_adaptive_pace_does_not_grow_while_something_else_limits_the_starts() ->
     """Successes of starts the pace never held back (concurrency or a slow server set the rate)
     leave the pace where it is: otherwise it drifts far above what is sent, and the first 429
     after the drift meets a pace the server never allowed."""
-    clock = FakeClock(0.0)
-    pacer = Pacer(None, clock=clock)
-    pacer.on_rate_limited(0.0)
-    cut = pacer.rate
-    assert cut is not None
+    pacer, clock, cut = adaptive_after_a_cut()
     for step in range(1, 200):
         clock.now = 10.0 + step * 2.0 / cut  # one start every two intervals: never held back
         assert pacer.reserve(clock.now) == 0.0
@@ -177,11 +178,7 @@ def test_adaptive_pace_does_not_grow_on_bunched_starts_below_it() -> None:
     """Starts that come in pairs (two callers freed at once) but at half the pace in all:
     the second of each pair waits a turn, yet the pace is not what limits them.  The
     pace stays put (it grew 0.5% a success before, 7x over these 400)."""
-    clock = FakeClock(0.0)
-    pacer = Pacer(None, clock=clock)
-    pacer.on_rate_limited(0.0)
-    cut = pacer.rate
-    assert cut is not None
+    pacer, clock, cut = adaptive_after_a_cut()
     for step in range(1, 201):
         clock.now = 10.0 + step * 4.0 / cut  # a pair every four intervals
         assert pacer.reserve(clock.now) == 0.0
