@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import enum
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -439,14 +440,15 @@ class NovitaClient:
         try:
             if number > 1:
                 deadline.exclude(anyio.current_time() - queued)
-            # A 429 cool-down may outlast the retry budget: the retry is then not made.
-            with anyio.CancelScope(deadline=deadline.waits_end(number)) as budget:
-                if gate is None:
-                    await self._closing.admit(self.pacer.wait_turn)
-                else:
-                    await self._closing.admit(lambda: gate.admit(self.pacer.wait_turn))
-            if budget.cancelled_caught:
-                raise RetryBudgetSpent
+            waits_end = deadline.waits_end(number)
+            if waits_end == math.inf:  # a first attempt: no cancel scope to pay for
+                await self._wait_for_pace(gate)
+            else:
+                # A 429 cool-down may outlast the retry budget: the retry is then not made.
+                with anyio.CancelScope(deadline=waits_end) as budget:
+                    await self._wait_for_pace(gate)
+                if budget.cancelled_caught:
+                    raise RetryBudgetSpent
             # The waits above may have outlasted the client: nothing awaits
             # between this check and aiohttp's own.
             self._check_open(session)
@@ -468,6 +470,13 @@ class NovitaClient:
             return image_type or requested
         finally:
             self._limiter.release()
+
+    async def _wait_for_pace(self, gate: SendGate | None) -> None:
+        """Wait for this client's turn of the pace; aclose() or the batch's gate closing ends it."""
+        if gate is None:
+            await self._closing.admit(self.pacer.wait_turn)
+        else:
+            await self._closing.admit(lambda: gate.admit(self.pacer.wait_turn))
 
     def batch(
         self,

@@ -192,7 +192,8 @@ class Pacer:
             slot = (max(start, self._next_start), max(start, self._next_start) + 1.0 / self._rate)
             self._next_start = slot[1]
         self._starts.append(slot[0])
-        self._count_start(slot[0], self._rate)
+        if not self.fixed:  # only the adaptive pace asks whether it binds
+            self._count_start(slot[0], self._rate)
         return slot
 
     def _count_start(self, at: float, rate: float) -> None:
