@@ -63,10 +63,10 @@ METHOD = """## How it is measured
   which every client must also do; those are measured beside it the same way (a page-cached
   read, a write to a new file in the results folder, at the cheapest piece size) and give
   the column CPU/(floor+files). In the cells the CPU target judges, a reference run moves
-  the same bytes with aiohttp and does nothing else (body built once, answers read whole
-  and dropped): see CPU reference. For small images a job's fixed costs (HTTP request,
-  file opens, renames) dwarf the byte costs, so the CPU target is judged where bytes
-  dominate: medium and large cells that are CPU-bound.
+  the same bytes with aiohttp and does nothing else (body built once and handed over as
+  views, answers taken piece by piece and dropped): see CPU reference. For small images a
+  job's fixed costs (HTTP request, file opens, renames) dwarf the byte costs, so the CPU
+  target is judged where bytes dominate: medium and large cells that are CPU-bound.
 - **Manifest scale.** A CSV manifest of N rows (`face_image,image,id`, the small images)
   read with `na.read_manifest` and fed to `client.batch` (C=32, emulator latency 0); the
   run stops after the first results (the same number for every N), so the figures compare

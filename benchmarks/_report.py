@@ -220,9 +220,9 @@ class Report:
     def exchange_bound(self, size: str, concurrency: int) -> float | None:
         """The exchange alone, plus the floor's codec and the file work: seconds per job.
 
-        What a client that streams nothing would pay at least: aiohttp's cost
-        of moving the cell's bytes (measured), base64 at the floor's speeds,
-        and reading the inputs and writing the result.
+        What a client doing the cell's jobs would pay with nothing on top:
+        aiohttp's cost of moving the cell's bytes (measured), base64 at the
+        floor's speeds, and reading the inputs and writing the result.
         """
         exchange, floor = self.reference(size, concurrency), self.floor_parts(size, concurrency)
         if exchange is None or floor is None or not floor.files:
@@ -521,8 +521,9 @@ file as PNG); all three produced byte-identical outputs{self._identical_note()}.
         return f"""## CPU reference: the exchange alone
 
 In each cell the CPU target judges, one more run moved the same bytes and did nothing
-else: aiohttp, the request body built once before the run (no reads, no base64 per
-job), each answer read whole into memory and dropped (no JSON, no decoding, no file).
+else: aiohttp, the request body built once before the run and handed over as views of
+it (no reads, no base64, no copies per job), each answer taken piece by piece as it
+arrives and dropped (no joining, no JSON, no decoding, no file).
 It is not a client; it shows what this machine charges an aiohttp client for the HTTP
 exchange of these bytes, beside the floor's idealised socket. Adding the floor's base64
 and the file work to it gives the least a client doing this cell's jobs could spend.
