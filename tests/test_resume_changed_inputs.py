@@ -143,12 +143,19 @@ async def test_done_in_a_sibling_ledger_with_changed_inputs_is_sent_again(emulat
 @pytest.mark.anyio
 async def test_changed_to_a_faceless_image_is_sent_once(emulator: Emulator, tmp_path: Path) -> None:
     """Done in a sibling ledger, then the face file replaced by a faceless one: sent again (no face),
-    and the run after that does not send it a third time (the newer "no face" record stands)."""
+    the earlier result is left in place, and the run after that does not send it a third time
+    (the newer "no face" record stands)."""
     jobs = _jobs(tmp_path)
-    await _run(emulator, jobs, tmp_path, ledger="ledger.shard-0-of-1.jsonl")
+    first, _ = await _run(emulator, jobs, tmp_path, ledger="ledger.shard-0-of-1.jsonl")
+    output = first["a"].output
+    assert output is not None
+    old_result = output.read_bytes()
     _face(jobs[0]).write_bytes(flat_image())
     again, _ = await _run(emulator, jobs, tmp_path)
     assert again["a"].error_reason == "IMAGE_NO_FACE_DETECTED" and emulator.stats.requests == 3
+    assert output.read_bytes() == old_result
+    assert [line["status"] for line in ledger_lines(tmp_path / "out" / "ledger.jsonl")
+            if line["id"] == "a"][-1] == "failed"
     third, summary = await _run(emulator, jobs, tmp_path)
     assert isinstance(third["a"].error, na.NoFaceFoundBeforeError) and emulator.stats.requests == 3
     assert summary.no_face_before == 1 and summary.inputs_changed == 1
