@@ -134,10 +134,15 @@ def _bind_problem(exc: OSError, host: str, port: int) -> str:
     """What went wrong binding ``host:port``, and what to do about it, in a line."""
     if isinstance(exc, socket.gaierror):
         return f"--host {host} is not an address or a name that resolves ({exc.strerror})"
-    if exc.errno == errno.EADDRINUSE:
+    code = exc.errno
+    # Python 3.13's asyncio skips each address it cannot assign (EADDRNOTAVAIL),
+    # and when none is left raises this OSError, which has no errno.
+    if code is None and str(exc).startswith("could not bind on any address"):
+        code = errno.EADDRNOTAVAIL
+    if code == errno.EADDRINUSE:
         return f"port {port} is in use on {host}: pick another with --port, or --port 0 for a free one"
-    if exc.errno == errno.EADDRNOTAVAIL:
+    if code == errno.EADDRNOTAVAIL:
         return f"--host {host} is not an address of this machine: give one of its own, such as 127.0.0.1"
-    if exc.errno == errno.EACCES:
+    if code == errno.EACCES:
         return f"no permission to bind port {port}: pick one above 1023, or --port 0 for a free one"
     return f"cannot listen on {host} port {port}: {exc.strerror or exc}"
