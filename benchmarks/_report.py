@@ -253,11 +253,11 @@ class Report:
         out: list[Target] = []
         for size, concurrency in LATENCY_BOUND_CELLS:
             row = self.rows(size, concurrency).get("novita_async")
-            where = f"{size}, C={concurrency} ({self.bound(size, concurrency)}-bound here)"
             if row is None or not row.valid:
-                out.append(Target("efficiency vs ideal", where, "not run", ">= 95%", None,
-                                  (size, concurrency)))
+                out.append(Target("efficiency vs ideal", f"{size}, C={concurrency}", "not run",
+                                  ">= 95%", None, (size, concurrency)))
                 continue
+            where = f"{size}, C={concurrency} ({self.bound(size, concurrency)}-bound here)"
             # Issue 5's ideal: the emulator's handling time as it measured it in this
             # run.  The cell's shared ideal (its least loaded run) is shown beside it.
             eff = row.throughput / self.ideal(size, concurrency, handling=row.handling)

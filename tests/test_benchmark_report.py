@@ -76,6 +76,15 @@ def test_efficiency_is_judged_against_the_emulator_time_of_the_runs_own(
         f"{own} ({shared:.1%} vs the cell's least loaded emulator)", passed)
 
 
+def test_a_cell_left_out_of_the_run_is_reported_not_run() -> None:
+    """A partial run (``--sizes medium``) names the latency-bound cells it skipped, plainly."""
+    report = make_report(row("medium", 8, "novita_async", rate=34.0, cpu=0.004))
+    small = [t for t in report.targets() if t.where.startswith("small, C=")]
+    assert [(t.where, t.value, t.passed) for t in small] == [
+        ("small, C=8", "not run", None), ("small, C=64", "not run", None)]
+    assert target(report, "efficiency vs ideal", "medium, C=8")[1] is not None
+
+
 def test_the_grid_table_compares_the_peers_against_one_ideal_per_cell() -> None:
     """The table's ideal and eff. columns use the least handling any peer's run saw."""
     report = small_c64(ours=297.5)
