@@ -539,6 +539,18 @@ def test_serve_on_an_address_not_of_this_machine_says_so(capsys: pytest.CaptureF
     assert "error: --host 192.0.2.1 is not an address of this machine" in err and "Traceback" not in err
 
 
+def test_serve_names_an_address_not_of_this_machine_whatever_python_says() -> None:
+    """Python 3.13's asyncio reports a host it could not bind with an OSError without errno
+    ("could not bind on any address"); the line still names the problem and the fix."""
+    from novita_async.emulator._cli import _bind_problem
+
+    errno_less = OSError("could not bind on any address out of [('192.0.2.1', 0)]")
+    assert _bind_problem(errno_less, "192.0.2.1", 0) == (
+        "--host 192.0.2.1 is not an address of this machine: give one of its own, such as 127.0.0.1")
+    assert _bind_problem(OSError("something else"), "192.0.2.1", 0) == (
+        "cannot listen on 192.0.2.1 port 0: something else")
+
+
 @pytest.mark.parametrize("port", ["99999", "-1"])
 def test_serve_refuses_a_port_out_of_range(capsys: pytest.CaptureFixture[str], port: str) -> None:
     """`serve --port 99999`: the parser refuses it naming --port, exit 2."""
