@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
-import enum
-import logging
 import math
 import os
 import time
@@ -14,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import anyio
-import anyio.to_thread
 
 from novita_async._arguments import check_base_url, check_client_types, check_max_concurrency, check_output
 from novita_async._config import (
@@ -30,23 +26,20 @@ from novita_async._config import (
 from novita_async._encode import RequestBody, build_extra
 from novita_async._errors import (
     APITimeoutError,
-    ClientClosedError,
     ConfigurationError,
     NovitaError,
     RateLimitError,
 )
 from novita_async._fileio import FileCalls, FileIO, folder_of
 from novita_async._gate import SendGate
+from novita_async._lifecycle import ClientLifecycle
 from novita_async._output import FileSink, MemorySink, Sink, check_writable
 from novita_async._pacing import Pacer, PacerProtocol
 from novita_async._prepare import prepare_inputs
 from novita_async._result import MergeFaceResult
 from novita_async._retry import RetryBudgetSpent, RetryDeadline, retry_call
-from novita_async._sources import (
-    close_sources,
-)
-from novita_async._transport import check_session, refuse_netrc_credentials, send_merge_request
-from novita_async._version import __version__
+from novita_async._sources import close_sources
+from novita_async._transport import check_session, send_merge_request
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, Iterable
@@ -60,8 +53,6 @@ if TYPE_CHECKING:
 
 __all__ = ["NovitaClient"]
 
-logger = logging.getLogger("novita_async")
-
 #: Set by a batch around each of its jobs (each job runs in its own task, so
 #: its own context): the gate each attempt passes just before it is sent (see
 #: ``_gate``).  This is how a batch that is stopping keeps queued jobs and
@@ -69,12 +60,6 @@ logger = logging.getLogger("novita_async")
 send_gate: contextvars.ContextVar[SendGate | None] = contextvars.ContextVar(
     "novita_async_send_gate", default=None
 )
-
-
-class _State(enum.Enum):
-    UNOPENED = "unopened"
-    OPEN = "open"
-    CLOSED = "closed"
 
 
 class NovitaClient:
@@ -168,24 +153,13 @@ class NovitaClient:
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         self._files = FileCalls(file_io)
         self._writable_folders: set[Path] = set()  # output folders already probed
-        self._session = session
-        self._owns_session = session is None
-        # The event loop the client's connections belong to: a caller's session
-        # is bound to the loop it was made in (no public accessor for it), the
-        # client's own to the loop of its first use.
-        self._loop: asyncio.AbstractEventLoop | None = getattr(session, "_loop", None)
-        self._state = _State.UNOPENED
-        # Every wait of a call (a request slot, a pacing turn, a retry's back-off)
-        # runs inside this gate, so aclose() ends them at once: at 10 requests a
-        # minute, calls queued for their turn would otherwise hold on for minutes
-        # after the client closed, only to raise ClientClosedError then.
-        self._closing = SendGate(self._closed_check)
+        self._life = ClientLifecycle(session, max_concurrency)
 
     def __repr__(self) -> str:
         # Never the key, not even a prefix of it.
         return (
             f"NovitaClient(base_url={self.base_url!r}, max_concurrency={self.max_concurrency}, "
-            f"requests_per_minute={self.requests_per_minute}, state={self._state.value!r})"
+            f"requests_per_minute={self.requests_per_minute}, state={self._life.state!r})"
         )
 
     @property
@@ -196,10 +170,10 @@ class NovitaClient:
     @property
     def closed(self) -> bool:
         """Whether :meth:`aclose` has been called."""
-        return self._state is _State.CLOSED
+        return self._life.closed
 
     async def __aenter__(self) -> NovitaClient:
-        self._ensure_session()
+        self._life.session()
         return self
 
     async def __aexit__(
@@ -217,64 +191,12 @@ class NovitaClient:
             ClientClosedError: called in another event loop than the client's
                 while that loop still runs (close it from its own loop).
         """
-        if self._state is _State.CLOSED:
-            return
-        other_loop = self._other_loop()
-        if other_loop is not None and not other_loop.is_closed():
-            raise self._wrong_loop_error(other_loop)
-        self._state = _State.CLOSED
-        self._closing.close()
-        if self._session is not None and self._owns_session:
-            if other_loop is None:
-                await self._session.close()
-            else:
-                # Closing its connections needs their loop, which has ended
-                # (aiohttp: "Event loop is closed"); the garbage collector frees them.
-                logger.warning("NovitaClient.aclose() in a new event loop: the connections of the "
-                               "loop the client was used in (now closed) cannot be closed here")
-
-    def _closed_check(self) -> ClientClosedError | None:
-        """The error for a call that must not go on (the client is closed), or None."""
-        return self._closed_error() if self._state is _State.CLOSED else None
+        await self._life.close()
 
     async def _sleep(self, seconds: float, gate: SendGate | None) -> None:
         """A retry's back-off, ended early by aclose() or by the batch's gate closing."""
-        with self._closing.waiting():
+        with self._life.closing.waiting():
             await (gate.sleep(seconds) if gate is not None else anyio.sleep(seconds))
-
-    def _closed_error(self) -> ClientClosedError:
-        if self._state is _State.CLOSED:
-            return ClientClosedError(
-                "this NovitaClient is closed; create a new one (or use it inside 'async with')"
-            )
-        return ClientClosedError(
-            "the aiohttp session given to this NovitaClient was closed; keep it open while "
-            "the client is in use"
-        )
-
-    def _check_open(self, session: aiohttp.ClientSession) -> None:
-        """Raise ClientClosedError if the client, or the session it uses, is closed."""
-        if self._state is _State.CLOSED or session.closed:
-            raise self._closed_error()
-
-    def _other_loop(self) -> asyncio.AbstractEventLoop | None:
-        """The loop the client belongs to if it is not the running one (None: same, or no loop runs)."""
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            return None  # batch() called outside a coroutine: the calls it makes check again
-        if self._loop is None:
-            self._loop = running
-        return self._loop if self._loop is not running else None
-
-    def _wrong_loop_error(self, loop: asyncio.AbstractEventLoop) -> ClientClosedError:
-        state = "has ended" if loop.is_closed() else "is another one, still running"
-        return ClientClosedError(
-            f"this NovitaClient belongs to the event loop it was first used in, which {state}: "
-            "a client's connections cannot move to another loop (a second asyncio.run()?). "
-            "Create the client inside the coroutine that uses it "
-            "('async with NovitaClient(...) as client:'), one client per event loop"
-        )
 
     def _refuse_unusable_session(self) -> None:
         """Raise now what every request on the caller's session would raise (a batch checks first).
@@ -282,26 +204,7 @@ class NovitaClient:
         Raises:
             ConfigurationError: the session would send ``.netrc`` credentials for the API's host.
         """
-        if self._session is not None and not self._owns_session:
-            refuse_netrc_credentials(self._session, f"{self.base_url}{MERGE_FACE_PATH}")
-
-    def _ensure_session(self) -> aiohttp.ClientSession:
-        if self._state is _State.CLOSED:
-            raise self._closed_error()
-        other_loop = self._other_loop()
-        if other_loop is not None:
-            raise self._wrong_loop_error(other_loop)
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_concurrency, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                headers={"User-Agent": f"novita_async/{__version__}"},
-                # Larger socket reads: fewer, bigger chunks for the streaming decoder.
-                read_bufsize=256 * 1024,
-                raise_for_status=False,
-            )
-        self._state = _State.OPEN
-        return self._session
+        self._life.refuse_unusable_session(f"{self.base_url}{MERGE_FACE_PATH}")
 
     async def merge_face(
         self,
@@ -345,7 +248,7 @@ class NovitaClient:
             >>> result.image_type, len(result.data)  # doctest: +SKIP
             ('png', 1048576)
         """
-        session = self._ensure_session()
+        session = self._life.session()
         gate = send_gate.get()
         if response_image_type not in RESPONSE_IMAGE_TYPES:
             raise ConfigurationError(
@@ -377,7 +280,7 @@ class NovitaClient:
             deadline = RetryDeadline(self.retry.total_timeout)
 
             async def attempt(number: int) -> tuple[str, Sink]:
-                self._check_open(session)  # a retry after aclose() must not reach aiohttp
+                self._life.check_open(session)  # a retry after aclose() must not reach aiohttp
                 sink: Sink = FileSink(out_path, self._files) if out_path is not None else MemorySink()
                 try:
                     image_type = await self._attempt(session, body, sink, response_image_type, gate,
@@ -387,7 +290,7 @@ class NovitaClient:
                     await sink.discard()
                     if exc.retryable and (self.closed or session.closed):
                         # Closing the session cut this attempt off: no retry can succeed.
-                        raise self._closed_error() from exc
+                        raise self._life.closed_error() from exc
                     raise
                 except BaseException:
                     await sink.discard()
@@ -427,7 +330,7 @@ class NovitaClient:
         try:
             # Not bounded by the retry budget, nor counted in it: a retry queues
             # for a slot like any call, and Timeout.pool bounds that.
-            with anyio.fail_after(self.timeout.pool), self._closing.waiting():
+            with anyio.fail_after(self.timeout.pool), self._life.closing.waiting():
                 await self._limiter.acquire()
                 acquired = True
         except TimeoutError:
@@ -436,7 +339,7 @@ class NovitaClient:
                 f"(max_concurrency={self.max_concurrency}); raise Timeout.pool or the concurrency"
             ) from None
         if not acquired:  # aclose() ended the wait
-            raise self._closed_error()
+            raise self._life.closed_error()
         try:
             if number > 1:
                 deadline.exclude(anyio.current_time() - queued)
@@ -451,7 +354,7 @@ class NovitaClient:
                     raise RetryBudgetSpent
             # The waits above may have outlasted the client: nothing awaits
             # between this check and aiohttp's own.
-            self._check_open(session)
+            self._life.check_open(session)
             deadline.start()  # the retry budget runs from the first attempt's send
             try:
                 image_type = await send_merge_request(
@@ -474,9 +377,9 @@ class NovitaClient:
     async def _wait_for_pace(self, gate: SendGate | None) -> None:
         """Wait for this client's turn of the pace; aclose() or the batch's gate closing ends it."""
         if gate is None:
-            await self._closing.admit(self.pacer.wait_turn)
+            await self._life.closing.admit(self.pacer.wait_turn)
         else:
-            await self._closing.admit(lambda: gate.admit(self.pacer.wait_turn))
+            await self._life.closing.admit(lambda: gate.admit(self.pacer.wait_turn))
 
     def batch(
         self,
@@ -522,7 +425,7 @@ class NovitaClient:
         """
         from novita_async._batch import BatchRun
 
-        self._ensure_session()
+        self._life.session()
         if response_image_type not in RESPONSE_IMAGE_TYPES:
             raise ConfigurationError(
                 f"response_image_type {response_image_type!r} is not one of {', '.join(RESPONSE_IMAGE_TYPES)}"
