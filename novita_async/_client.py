@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import math
 import os
 import time
 from pathlib import Path
@@ -341,14 +340,12 @@ class NovitaClient:
         if not acquired:  # aclose() ended the wait
             raise self._life.closed_error()
         try:
-            if number > 1:
-                deadline.exclude(anyio.current_time() - queued)
-            waits_end = deadline.waits_end(number)
-            if waits_end == math.inf:  # a first attempt: no cancel scope to pay for
+            if number == 1:  # the budget's clock has not started: no cancel scope to pay for
                 await self._wait_for_pace(gate)
             else:
+                deadline.exclude(anyio.current_time() - queued)
                 # A 429 cool-down may outlast the retry budget: the retry is then not made.
-                with anyio.CancelScope(deadline=waits_end) as budget:
+                with anyio.CancelScope(deadline=deadline.waits_end(number)) as budget:
                     await self._wait_for_pace(gate)
                 if budget.cancelled_caught:
                     raise RetryBudgetSpent
