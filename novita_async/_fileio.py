@@ -34,7 +34,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Generic, Literal, TypeVar
 
 import anyio.to_thread
@@ -42,13 +42,13 @@ import anyio.to_thread
 from novita_async._errors import ConfigurationError
 
 __all__ = [
-    "Handover",
     "FILE_IO_MODES",
     "RECENT_CALLS",
     "SLOW_OF_LAST",
     "SLOW_CALL_SECONDS",
     "FileCalls",
     "FileIO",
+    "Handover",
     "THREADS_ONLY",
     "folder_of",
     "parse_mountinfo",
@@ -224,9 +224,9 @@ class Handover(Generic[T]):
 
     A caller awaiting a worker thread can be cancelled (a native
     ``task.cancel()``) while the thread runs on; whatever the thread then
-    returns, such as an open file, would be lost.  Run the call through a
-    Handover, and call :meth:`abandon` when the await fails: the result is
-    released now if the thread has finished, else as soon as it does.
+    returns, such as an open file, would be lost.  Run the call through
+    :meth:`run_in`: if the await fails, the result is released now if the
+    thread has finished, else as soon as it does.
 
     Args:
         call: The blocking call.
@@ -247,6 +247,14 @@ class Handover(Generic[T]):
             else:
                 self._results.append(result)
         return result
+
+    async def run_in(self, run: Callable[[Callable[[], T]], Awaitable[T]]) -> T:
+        """``await run(call)`` (``run`` hands the call to a worker thread), abandoning it if that fails."""
+        try:
+            return await run(self)
+        except BaseException:
+            self.abandon()
+            raise
 
     def abandon(self) -> None:
         """The caller will not take the result: release it now, or when the call returns."""

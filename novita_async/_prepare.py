@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import anyio.to_thread
@@ -93,14 +94,10 @@ async def prepare_inputs(
     # sources it returns, with their files open: the handover closes them.
     check = Handover(check_all, lambda result: close_sources(source for source, _ in result[0]))
     folders = _path_folders(inputs, output)
-    try:
-        if folders is None:  # a PIL image to encode, or a file object of unknown kind
-            checked, output_is_folder = await anyio.to_thread.run_sync(check)
-        else:
-            checked, output_is_folder = await files.run(folders, check)
-    except BaseException:
-        check.abandon()
-        raise
+    if folders is None:  # a PIL image to encode, or a file object of unknown kind
+        checked, output_is_folder = await check.run_in(anyio.to_thread.run_sync)
+    else:
+        checked, output_is_folder = await check.run_in(partial(files.run, folders))
     sources: list[ImageSource] = []
     try:
         for source, problem in checked:

@@ -160,12 +160,7 @@ class _PathSource(ImageSource):
         else:
             # Cancelled while the open runs in a worker thread, this call would
             # lose the descriptor it returns: the handover closes it.
-            opening = Handover(partial(_open_read, self.path), os.close)
-            try:
-                fd = await self._run(opening)
-            except BaseException:
-                opening.abandon()
-                raise
+            fd = await Handover(partial(_open_read, self.path), os.close).run_in(self._run)
 
         async def read_at(view: memoryview, offset: int) -> int:
             got = _pread_cached(fd, view, offset)
