@@ -26,7 +26,7 @@ from typing import IO, BinaryIO
 
 from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
-from ._config import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE
+from ._config import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from ._errors import InvalidImageError
 from ._imageformat import (
     HEAD_BYTES,
@@ -48,10 +48,6 @@ __all__ = [
 
 #: Formats the API accepts, as Pillow names them.
 ALLOWED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "WEBP"})
-
-#: Smallest width or height sent; below it the server answers INVALID_IMAGE_SIZE
-#: (and no face detector finds a face in fewer pixels anyway).
-MIN_IMAGE_SIDE = 16
 
 #: Pillow modes the API takes as they are (8 bits per channel).
 _SENDABLE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA"})

@@ -148,6 +148,8 @@ async def test_default_type_is_png(http: aiohttp.ClientSession, emulator: Emulat
         pytest.param(payload(face=gif_image()), "INVALID_IMAGE_FORMAT", id="gif"),
         pytest.param(payload(image=wide_png(2049)), "IMAGE_EXCEEDS_MAX_RESOLUTION",
                      id="2049-px"),
+        pytest.param(payload(face=make_image(size=(15, 64))), "INVALID_IMAGE_SIZE", id="15-px-wide"),
+        pytest.param(payload(image=make_image(size=(64, 1))), "INVALID_IMAGE_SIZE", id="1-px-high"),
         pytest.param(payload(face=flat_image()), "IMAGE_NO_FACE_DETECTED", id="flat-face"),
         pytest.param(payload(image=flat_image()), "IMAGE_NO_FACE_DETECTED", id="flat-target"),
     ],
@@ -163,6 +165,12 @@ async def test_contract_errors(
     assert doc["reason"] == reason
     assert isinstance(doc["message"], str) and doc["message"]
     assert doc["metadata"] == {}
+
+
+async def test_16_px_is_accepted(http: aiohttp.ClientSession, emulator: Emulator) -> None:
+    """The smallest side taken is 16 pixels, the limit the client checks before sending."""
+    answer = await post(http, emulator, payload(face=make_image(size=(16, 16))))
+    assert answer.status == 200
 
 
 async def test_2048_px_is_accepted(http: aiohttp.ClientSession, emulator: Emulator) -> None:

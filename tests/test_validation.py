@@ -76,6 +76,17 @@ async def test_validate_false_lets_the_server_judge(emulator: Emulator) -> None:
     assert emulator.stats.requests == 1
 
 
+async def test_validate_false_sends_a_tiny_image_the_server_refuses_once(emulator: Emulator) -> None:
+    """Unchecked, a 12x12 image reaches the server: 400 INVALID_IMAGE_SIZE, not retried."""
+    async with na.NovitaClient(api_key=emulator.api_key, base_url=emulator.url, retry=FAST_RETRY,
+                               validate=False) as client:
+        with pytest.raises(na.BadRequestError) as caught:
+            await client.merge_face(make_image(size=(12, 12)), make_image())
+    assert (caught.value.reason, caught.value.attempts) == ("INVALID_IMAGE_SIZE", 1)
+    assert "face_image_file is 12x12" in str(caught.value)
+    assert emulator.stats.requests == 1
+
+
 async def test_png_with_data_after_its_end_is_sent(emulator: Emulator) -> None:
     """A PNG with bytes after a complete IEND passes the checks (as JPEG data after EOI does) and is merged."""
     png = make_image()

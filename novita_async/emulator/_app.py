@@ -20,7 +20,7 @@ from aiohttp import web
 from PIL import Image
 
 from novita_async._b64 import b64decode_strict, b64encode
-from novita_async._config import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, RESPONSE_IMAGE_TYPES
+from novita_async._config import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, RESPONSE_IMAGE_TYPES
 from novita_async.emulator._budget import BodyBudget
 from novita_async.emulator._config import EmulatorConfig
 from novita_async.emulator._facemerge import NoFaceFoundError
@@ -164,6 +164,10 @@ def _open_checked(data: bytes, name: str) -> Image.Image:
         raise _BadImage("INVALID_IMAGE_FORMAT", f"{name} must be PNG, JPEG or WebP")
     if max(image.size) > MAX_IMAGE_SIDE:
         raise _BadImage("IMAGE_EXCEEDS_MAX_RESOLUTION", f"{name} exceeds 2048x2048")
+    if min(image.size) < MIN_IMAGE_SIDE:
+        width, height = image.size
+        raise _BadImage("INVALID_IMAGE_SIZE",
+                        f"{name} is {width}x{height}; each side must be at least {MIN_IMAGE_SIDE} pixels")
     try:
         image.load()
     except Exception:
