@@ -22,7 +22,13 @@ import anyio
 import anyio.to_thread
 
 from novita_async._argtypes import number_arg
-from novita_async._cli_batch import check_ledger, check_output_folder, estimate_rows, run_batch_command
+from novita_async._cli_batch import (
+    check_ledger,
+    check_output_folder,
+    estimate_rows,
+    make_folders,
+    run_batch_command,
+)
 from novita_async._cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -281,7 +287,8 @@ async def _batch_command(args: argparse.Namespace) -> int:
     ledger = Path(args.ledger) if args.ledger else default_ledger(output_dir, args.shard)
     # Found now, not after a run that could not start (and a summary of nothing).
     check_output_folder(output_dir)
-    check_ledger(ledger)
+    check_ledger(ledger, manifest=Path(args.manifest) if args.manifest else None)
+    make_folders(output_dir, ledger)
     pacing = None
     if args.shard is not None:
         index, count = args.shard

@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING
 import anyio
 
 from novita_async._cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, say, signal_exit
-from novita_async._errors import LedgerInUseError
+from novita_async._errors import ConfigurationError
 from novita_async._jobs import JobResult, JobStatus, MergeJob
+from novita_async._ledger import same_file
 from novita_async._manifest import BadRow, ManifestError
 
 if TYPE_CHECKING:
     from novita_async._client import NovitaClient
     from novita_async._summary import BatchSummary
 
-__all__ = ["check_ledger", "check_output_folder", "estimate_rows", "run_batch_command"]
+__all__ = ["check_ledger", "check_output_folder", "estimate_rows", "make_folders", "run_batch_command"]
 
 
 def _report(result: JobResult) -> None:
@@ -82,8 +83,9 @@ async def run_batch_command(
         with scope:
             async for result in run:
                 _report(result)
-    except LedgerInUseError as exc:
-        # Refused before the first job: no summary of a run that did not start.
+    except ConfigurationError as exc:
+        # The ledger in use, or not a ledger: refused before the first job, so
+        # no summary of a run that did not start.
         raise UsageError(str(exc)) from None
     except (ManifestError, OSError) as exc:
         # The job stream or the ledger failed part-way; jobs in flight finished.
@@ -97,8 +99,9 @@ async def run_batch_command(
     summary = run.summary
     if scope.cancelled_caught or interrupts:
         summary.interrupted = True
-    say(summary.line())
-    say(f"results: {output_dir}  ledger: {ledger}")
+    if failure is None or summary.total:  # no summary of a run that did not start
+        say(summary.line())
+        say(f"results: {output_dir}  ledger: {ledger}")
     if failure is not None:
         say(f"novita-async: error: {failure}")
         return EXIT_USAGE, summary
@@ -119,8 +122,12 @@ def check_output_folder(folder: Path) -> None:
         raise UsageError(f"output folder {folder} cannot be made: {blocker} is a file, not a folder")
 
 
-def check_ledger(ledger: Path) -> None:
-    """Raise :class:`UsageError` unless ``ledger`` is a file or can be made one."""
+def check_ledger(ledger: Path, *, manifest: Path | None = None) -> None:
+    """Raise :class:`UsageError` unless ``ledger`` is a file or can be made one.
+
+    ``manifest``, when given, must be another file: a run appending to the
+    file it reads its jobs from would read its own records back as jobs.
+    """
     try:
         is_folder = ledger.is_dir()
         blocker = _file_in_the_way(ledger.parent)
@@ -130,6 +137,24 @@ def check_ledger(ledger: Path) -> None:
         raise UsageError(f"ledger {ledger} is a folder: give a file path such as {ledger / 'ledger.jsonl'}")
     if blocker is not None:
         raise UsageError(f"ledger {ledger} cannot be made: {blocker} is a file, not a folder")
+    if manifest is not None and same_file(manifest, ledger):
+        raise UsageError(f"the ledger {ledger} is the manifest: give --ledger another file "
+                         "(or leave it out: the ledger is then ledger.jsonl in the output folder)")
+
+
+def make_folders(output_dir: Path, ledger: Path) -> None:
+    """Make the output folder and the ledger's, once both passed their checks, or raise :class:`UsageError`.
+
+    Made before the run, so that a folder the system will not make (under
+    ``/proc``, on a read-only disk) is named with the fix, not reported after
+    a run of nothing as a bare error number.
+    """
+    for folder, what in ((output_dir, "output folder"), (ledger.parent, "the ledger's folder")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{what} {folder} cannot be made: {exc.strerror or exc}; give a folder "
+                             "you can write to") from None
 
 
 def _file_in_the_way(folder: Path) -> Path | None:

@@ -37,13 +37,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from novita_async._errors import LedgerInUseError
+from novita_async._errors import ConfigurationError, LedgerInUseError
 from novita_async._jobs import JobResult, JobStatus, MergeJob
 
 if sys.platform != "win32":
     import fcntl
 
-__all__ = ["LEDGER_GLOB", "Ledger", "input_fingerprint", "ledger_record", "load_done_ids", "read_ledger"]
+__all__ = [
+    "LEDGER_GLOB",
+    "Ledger",
+    "input_fingerprint",
+    "is_ledger_record",
+    "ledger_record",
+    "load_done_ids",
+    "read_ledger",
+    "same_file",
+]
 
 logger = logging.getLogger("novita_async")
 
@@ -94,6 +103,30 @@ def ledger_record(result: JobResult, inputs: list[list[int]] | None = None) -> d
     return record
 
 
+def is_ledger_record(fields: dict[str, Any]) -> bool:
+    """Whether a JSON object is a ledger line (an ``id`` and a ``status``, no image paths)."""
+    return (isinstance(fields.get("id"), str) and isinstance(fields.get("status"), str)
+            and "face_image" not in fields)
+
+
+def _not_a_ledger(path: Path) -> str | None:
+    """What the first line of an existing file is, when it is not a ledger's; else None.
+
+    A line cut short by a crash is still a ledger's: it begins as every record does.
+    """
+    with path.open("rb") as handle:
+        first = handle.readline(4096).strip()
+    if not first or first.startswith(b'{"id":'):
+        return None
+    try:
+        fields = json.loads(first)
+    except ValueError:
+        return "text that is not JSON"
+    if isinstance(fields, dict) and is_ledger_record(fields):
+        return None
+    return "JSON that is not a job record"
+
+
 def read_ledger(path: Path) -> dict[str, dict[str, Any]]:
     """The last record per job id in a ledger (torn or foreign lines are skipped)."""
     records: dict[str, dict[str, Any]] = {}
@@ -134,6 +167,14 @@ class Ledger:
         try:
             # Locked before anything is read: what this run sees as done stays done.
             _lock(self._fd, self.path)
+            foreign = _not_a_ledger(self.path)
+            if foreign is not None:
+                # Appending records to someone's file (a manifest given as the
+                # ledger) would spoil it; reading it back, a run could feed on itself.
+                raise ConfigurationError(
+                    f"{self.path} is not a ledger: its first line is {foreign}. Give a new file "
+                    "(or the ledger an earlier run of this batch wrote); the manifest is the "
+                    "command's first argument")
             self._load_all()
             self._repair_torn_tail()
         except BaseException:
@@ -147,7 +188,7 @@ class Ledger:
         self._done_sizes: dict[str, tuple[int, int]] = {}
         # Jobs with a "no face" record that still stands, with their inputs as they were then.
         self._no_face: dict[str, tuple[list[list[int]], str]] = {}
-        siblings = [p for p in sorted(self.path.parent.glob(LEDGER_GLOB)) if not _same_file(p, self.path)]
+        siblings = [p for p in sorted(self.path.parent.glob(LEDGER_GLOB)) if not same_file(p, self.path)]
         elsewhere: set[str] = set()
         for sibling in siblings:
             elsewhere |= self._load(sibling)
@@ -285,7 +326,8 @@ def _sizes(fingerprint: list[list[int]]) -> tuple[int, int]:
     return fingerprint[0][0], fingerprint[1][0]
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (by their absolute paths while either is missing)."""
     try:
         return os.path.samefile(a, b)
     except OSError:  # b not created yet

@@ -28,6 +28,7 @@ from typing import Any
 from novita_async._config import RESPONSE_IMAGE_TYPES
 from novita_async._errors import NovitaError
 from novita_async._jobs import MergeJob, hash_id, output_extension, output_name_problem, type_of_output
+from novita_async._ledger import is_ledger_record
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -56,7 +57,8 @@ class ManifestError(NovitaError, ValueError):
             row in a JSONL file), or None for a problem with the whole manifest.
         rule: What is wrong: ``manifest`` (the whole file), ``missing_value``,
             ``field_count``, ``bad_json``, ``bad_value``, ``bad_type``, ``bad_output``,
-            ``missing_file`` or ``not_a_file`` (a folder where an image should be).
+            ``missing_file``, ``not_a_file`` (a folder where an image should be), or
+            ``open_quote`` (a CSV quote never closed: the manifest stops being read there).
     """
 
     def __init__(self, message: str, *, row: int | None = None, rule: str = "manifest") -> None:
@@ -199,6 +201,15 @@ def _read_csv(path: Path, header: list[str]) -> Iterator[MergeJob | BadRow]:
                 continue
             if not any(cell.strip() for cell in row):
                 continue  # blank lines are not jobs
+            if any("\n" in cell or "\r" in cell for cell in row):
+                # No path has a line break: a quote left open has read on into
+                # the rows below it (to the end of the file, or to the next
+                # quote).  Those rows cannot be told apart, so the manifest
+                # stops here rather than pass them over in silence.
+                raise ManifestError(
+                    f"{path} row {row_number}: a quoted value runs over a line break, so a closing "
+                    f'quote (") is missing; the rows after it cannot be read. Close the quote and '
+                    "run again (rows done already are skipped)", row=row_number, rule="open_quote")
             if len(row) != len(header):
                 yield BadRow(f"row-{row_number}", ManifestError(
                     f"{path} row {row_number}: {len(row)} fields, the header has {len(header)}",
@@ -208,7 +219,8 @@ def _read_csv(path: Path, header: list[str]) -> Iterator[MergeJob | BadRow]:
 
 
 def _read_jsonl(path: Path) -> Iterator[MergeJob | BadRow]:
-    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+    # utf-8-sig: a byte-order mark (some Windows editors write one) is not row 1's JSON.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as handle:
         for row_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -253,7 +265,7 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[MergeJob | BadRow]:
         raise ManifestError(f"{manifest}: no such manifest file")
     try:
         if manifest.suffix.lower() in _JSONL_SUFFIXES:
-            _check_jsonl_has_a_row(manifest)
+            _check_jsonl_start(manifest)
             return _read_jsonl(manifest)
         header = _csv_header(manifest)
     except OSError as exc:
@@ -261,12 +273,29 @@ def read_manifest(path: str | os.PathLike[str]) -> Iterator[MergeJob | BadRow]:
     return _read_csv(manifest, header)
 
 
-def _check_jsonl_has_a_row(path: Path) -> None:
-    """Refuse a JSONL manifest with no row now, as an empty CSV is (reads up to its first row)."""
+def _check_jsonl_start(path: Path) -> None:
+    """Refuse now a JSONL manifest that has no row, or is not JSON Lines at all (reads its first row).
+
+    A whole JSON array, or a ledger, read row by row would fail every line as
+    a bad job (and a run's own ledger, appended to as it is read, without end).
+    """
     with path.open("rb") as handle:
-        if not any(line.strip() for line in handle):
-            raise ManifestError(f"{path}: the manifest is empty; it needs one JSON object per line "
-                                f"with keys {_EXPECTED}")
+        first = next((line.strip() for line in handle if line.strip()), None)
+    if first is None:
+        raise ManifestError(f"{path}: the manifest is empty; it needs one JSON object per line "
+                            f"with keys {_EXPECTED}")
+    first = first.removeprefix(b"\xef\xbb\xbf")
+    try:
+        fields = json.loads(first)
+    except ValueError:
+        if first.startswith(b"["):  # an array opened here, its items on the lines below
+            raise ManifestError(f"{path}: the manifest is a JSON array over many lines; write it as "
+                                f"JSON Lines, one object per line with keys {_EXPECTED}") from None
+        return  # a bad row, reported with its number as the others go on
+    if isinstance(fields, dict) and is_ledger_record(fields):
+        raise ManifestError(f"{path}: this is a ledger (its lines have 'id' and 'status'), not a "
+                            f"manifest: give the manifest the run read (keys {_EXPECTED}); a ledger "
+                            "goes with --ledger")
 
 
 def check_manifest(path: str | os.PathLike[str]) -> Iterator[MergeJob | BadRow]:

@@ -265,6 +265,85 @@ def test_batch_output_and_ledger_are_checked_before_the_run(
     assert not (tmp_path / "out").exists() and list((tmp_path / "emptydir").iterdir()) == []
 
 
+def test_batch_refuses_the_manifest_as_its_ledger(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--ledger` naming the manifest: exit 2 before any job; the manifest is not written to."""
+    manifest = csv_manifest(tmp_path / "data", 2)
+    before = manifest.read_bytes()
+    code, _, err = run_cli(capsys, "batch", manifest, "-o", tmp_path / "out", "--ledger", manifest,
+                           "--no-progress", *connect(emu))
+    assert code == 2, err
+    assert err == (f"novita-async: error: the ledger {manifest} is the manifest: give --ledger another "
+                   "file (or leave it out: the ledger is then ledger.jsonl in the output folder)\n")
+    assert manifest.read_bytes() == before and emu.stats.requests == 0
+
+
+def test_batch_refuses_a_ledger_that_is_another_file(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--ledger` naming a file that is not a ledger (another CSV): exit 2, the file unchanged."""
+    manifest = csv_manifest(tmp_path / "data", 2)
+    other = shutil.copy(manifest, tmp_path / "other.csv")
+    code, _, err = run_cli(capsys, "batch", manifest, "-o", tmp_path / "out", "--ledger", other,
+                           "--no-progress", *connect(emu))
+    assert code == 2, err
+    assert err.startswith(f"novita-async: error: {other} is not a ledger: its first line is text")
+    assert Path(other).read_bytes() == manifest.read_bytes() and emu.stats.requests == 0
+
+
+def test_batch_refuses_a_ledger_given_as_the_manifest(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Re-running "the ledger" as the manifest: exit 2 at once, the ledger unchanged (it used
+    to read its own new records back as bad rows, without end)."""
+    manifest = csv_manifest(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    assert run_cli(capsys, "batch", manifest, "-o", out, "--no-progress", *connect(emu))[0] == 0
+    ledger = out / "ledger.jsonl"
+    before = ledger.read_bytes()
+    code, _, err = run_cli(capsys, "batch", ledger, "-o", out, "--no-progress", *connect(emu))
+    assert code == 2, err
+    assert "this is a ledger (its lines have 'id' and 'status'), not a manifest" in err
+    assert ledger.read_bytes() == before and emu.stats.requests == 2
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_batch_names_an_output_folder_the_system_will_not_make(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output folder that cannot be made (under /proc): exit 2 naming it and the fix, no
+    summary of a run that did not start."""
+    manifest = csv_manifest(tmp_path / "data", 2)
+    code, _, err = run_cli(capsys, "batch", manifest, "-o", "/proc/self/novita-out", "--no-progress",
+                           *connect(emu))
+    assert code == 2, err
+    assert err == ("novita-async: error: output folder /proc/self/novita-out cannot be made: No such file "
+                   "or directory; give a folder you can write to\n")
+    assert emu.stats.requests == 0
+
+
+def test_batch_stops_at_an_unclosed_quote_and_resumes_once_it_is_closed(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows before an unclosed quote run; the command then exits 2 naming the row (the rows
+    after it are not passed over in silence); fixed, a re-run sends only the rest."""
+    pairs = write_inputs(tmp_path / "in", 4)
+    lines = [f"{f.name},{t.name}" for f, t in pairs]
+    lines[2] = '"' + lines[2]
+    manifest = tmp_path / "in" / "m.csv"
+    manifest.write_text("face_image,image\n" + "\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "batch", manifest, "-o", out, "--no-progress", "--ordered", *connect(emu))
+    assert code == 2, err
+    assert f"novita-async: error: {manifest} row 4: a quoted value runs over a line break" in err
+    assert summary_counts(err) == (2, 0, 0) and emu.stats.requests == 2
+    manifest.write_text("face_image,image\n" + "\n".join(f"{f.name},{t.name}" for f, t in pairs) + "\n")
+    code, _, err = run_cli(capsys, "batch", manifest, "-o", out, "--no-progress", *connect(emu))
+    assert code == 0, err
+    assert summary_counts(err) == (2, 0, 2) and emu.stats.requests == 4
+
+
 def test_merge_into_an_existing_folder_is_exit_2(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

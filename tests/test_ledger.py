@@ -211,3 +211,26 @@ async def test_temporary_files_of_dead_writers_are_swept_on_resume(emulator: Emu
     assert [r.status for r in results] == ["ok", "ok"]
     assert not stale.exists()
     assert live.exists() and foreign.exists()
+
+
+def test_a_file_that_is_not_a_ledger_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """A manifest given as the ledger would get records appended to it: refused, unchanged."""
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text("face_image,image\na.png,b.png\n")
+    with pytest.raises(na.ConfigurationError) as caught:
+        Ledger(manifest)
+    assert f"{manifest} is not a ledger: its first line is text that is not JSON" in str(caught.value)
+    assert manifest.read_text() == "face_image,image\na.png,b.png\n"
+    Ledger(manifest.with_name("new.jsonl")).close()  # and nothing stays locked or open
+
+
+def test_a_ledger_whose_first_line_was_torn_by_a_crash_still_opens(tmp_path: Path) -> None:
+    """A crash in the first write leaves part of a record: still a ledger, its next record on a new line."""
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"id":"job-0","status":"o')
+    ledger = Ledger(path)
+    try:
+        assert not ledger.is_done("job-0")
+    finally:
+        ledger.close()
+    assert path.read_text().endswith('"o\n')

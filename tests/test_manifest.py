@@ -322,3 +322,51 @@ def test_cli_rerun_of_a_manifest_whose_rows_are_all_done_exits_0(
         assert main(argv) == 0
         assert emu.stats.requests == 2
     assert "ok 0, failed 0, skipped 2 (resumed)" in capsys.readouterr().err
+
+
+def test_an_unclosed_quote_stops_the_manifest_at_its_row(tmp_path: Path) -> None:
+    """A quote never closed would read every row below it as one value: the rows before it
+    come out, then the manifest stops with an error naming the row and the fix."""
+    write_inputs(tmp_path / "in", 3)
+    rows = ["face_image,image", "in/face000.png,in/photo000.png", '"in/face001.png,in/photo001.png',
+            "in/face002.png,in/photo002.png"]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    jobs = na.read_manifest(manifest)
+    first = next(jobs)
+    assert isinstance(first, na.MergeJob) and first.face_image.endswith("face000.png")
+    with pytest.raises(na.ManifestError) as caught:
+        next(jobs)
+    assert (caught.value.row, caught.value.rule) == (3, "open_quote")
+    assert "row 3: a quoted value runs over a line break" in str(caught.value)
+    assert "Close the quote and run again" in str(caught.value)
+
+
+def test_a_jsonl_manifest_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """A UTF-8 BOM (as some editors write) is not part of row 1, as in a CSV."""
+    write_inputs(tmp_path / "in", 1)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b'\xef\xbb\xbf{"face_image": "in/face000.png", "image": "in/photo000.png"}\n')
+    [job] = jobs_of(manifest)
+    assert isinstance(job, na.MergeJob) and job.image.endswith("photo000.png")
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        pytest.param('[\n  {"face_image": "in/face000.png", "image": "in/photo000.png"}\n]\n',
+                     "is a JSON array over many lines; write it as JSON Lines", id="json-array"),
+        pytest.param('{"id":"abc","status":"ok","output":"out/abc.png"}\n',
+                     "this is a ledger (its lines have 'id' and 'status'), not a manifest", id="a-ledger"),
+    ],
+)
+def test_a_jsonl_file_that_is_not_json_lines_of_jobs_is_refused_whole(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    """A whole JSON array, or a run's ledger, is refused when opened, not failed line by line."""
+    write_inputs(tmp_path / "in", 1)
+    manifest = tmp_path / "m.json"
+    manifest.write_text(text)
+    with pytest.raises(na.ManifestError) as caught:
+        na.read_manifest(manifest)
+    assert says in str(caught.value) and caught.value.row is None
