@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 from pathlib import Path
 
 import anyio
@@ -27,6 +28,8 @@ __all__ = [
     "atomic_write_bytes",
     "check_writable",
     "create_temp_file",
+    "existing_kind",
+    "not_a_file_error",
     "sweep_stale_temp_files",
     "temp_prefix",
 ]
@@ -279,15 +282,64 @@ def check_writable(path: Path) -> None:
         sink._discard_sync()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (blocking; used by ``save``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temp_file(path)
+#: What is at an output path that a result must not replace, by the test that finds it.
+_NOT_FILES = (
+    (stat.S_ISDIR, "an existing folder"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def existing_kind(path: Path) -> str | None:
+    """What ``path`` is when it exists and is not a regular file (blocking: one lstat); else None.
+
+    A result is renamed into place, and a rename replaces whatever has the
+    name: ``output="/dev/null"`` run as root would put a file where the
+    device was.  A symbolic link is not followed (the link, not its target,
+    would be replaced).
+    """
     try:
+        mode = os.lstat(path).st_mode
+    except (OSError, ValueError):
+        return None  # not there yet (or a name the system refuses, found when writing)
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for is_kind, name in _NOT_FILES if is_kind(mode)), "not a regular file")
+
+
+def not_a_file_error(path: Path, kind: str) -> OutputError:
+    """The error for an output path that holds something other than a regular file."""
+    if kind == "an existing folder":
+        return OutputError(f"the output {path} is an existing folder, not a file: give the "
+                           f"result a file name (such as {path / 'merged.png'})")
+    return OutputError(f"the output {path} is {kind}, not a regular file, and writing the result "
+                       "would replace it: give a file path (or no output, to keep the result in memory)")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (blocking; used by ``save``).
+
+    Raises:
+        OutputError: ``path`` is not a regular file, or cannot be written.
+    """
+    kind = existing_kind(path)
+    if kind is not None:
+        raise not_a_file_error(path, kind)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = create_temp_file(path)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}. Check that the folder "
+                              "exists, is writable and has free space.") from exc
         raise

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from novita_async._errors import InvalidImageError, OutputError
+from novita_async._errors import InvalidImageError
 from novita_async._fileio import FileCalls, Handover, folder_of
+from novita_async._output import existing_kind, not_a_file_error
 from novita_async._sources import ImageSource, _source_sync, buffer_source, close_sources
 
 __all__ = ["prepare_inputs"]
@@ -58,8 +59,9 @@ async def prepare_inputs(
     not paths always go to a worker thread.  Opening reads a small file
     whole or keeps a large one open, for the first upload, with or without
     the checks (``validate``).  The same call checks that ``output`` is not
-    an existing folder: found out after the request, that would be a paid
-    result with nowhere to go.
+    an existing folder, device, pipe or link: found out after the request,
+    that would be a paid result with nowhere to go (or one put in the place
+    of ``/dev/null``).
     """
     from novita_async import _images  # Pillow, imported on the first call rather than with the package
 
@@ -88,16 +90,16 @@ async def prepare_inputs(
         except BaseException:
             close_sources(source for source, _ in checked)
             raise
-        return checked, output is not None and os.path.isdir(output)
+        return checked, existing_kind(output) if output is not None else None
 
     # A caller cancelled while the check runs in a worker thread would drop the
     # sources it returns, with their files open: the handover closes them.
     check = Handover(check_all, lambda result: close_sources(source for source, _ in result[0]))
     folders = _path_folders(inputs, output)
     if folders is None:  # a PIL image to encode, or a file object of unknown kind
-        checked, output_is_folder = await check.run_in(anyio.to_thread.run_sync)
+        checked, output_kind = await check.run_in(anyio.to_thread.run_sync)
     else:
-        checked, output_is_folder = await check.run_in(partial(files.run, folders))
+        checked, output_kind = await check.run_in(partial(files.run, folders))
     sources: list[ImageSource] = []
     try:
         for source, problem in checked:
@@ -121,9 +123,8 @@ async def prepare_inputs(
             logger.info("%s (%s) resized to fit the API's limits (%s)", source.input_name,
                         source.description, problem.rule)
             sources.append(buffer_source(data, source.input_name, f"{source.description} (resized)"))
-        if output is not None and output_is_folder:
-            raise OutputError(f"the output {output} is an existing folder, not a file: give the "
-                              f"result a file name (such as {output / 'merged.png'})")
+        if output is not None and output_kind is not None:
+            raise not_a_file_error(output, output_kind)
     except BaseException:
         close_sources(source for source, _ in checked)
         raise

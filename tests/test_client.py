@@ -8,6 +8,8 @@ import gzip
 import io
 import itertools
 import os
+import re
+import stat
 import time
 import traceback
 import warnings
@@ -257,6 +259,70 @@ async def test_output_that_is_a_folder_is_refused_before_sending(emulator: Emula
     assert emulator.stats.requests == 1  # only the first merge was sent
     assert sorted(os.listdir(tmp_path)) == ["first.png", "taken"]
     assert os.listdir(blocker) == []
+
+
+def _make_special(path: Path, kind: str) -> None:
+    """Put a FIFO, a symbolic link or a character device (like /dev/null's) at ``path``."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        (path.parent / "target.png").write_bytes(b"kept")
+        path.symlink_to(path.parent / "target.png")
+    else:
+        try:
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("making a device node needs root")
+
+
+SPECIAL_OUTPUTS = [
+    pytest.param("fifo", "a named pipe (FIFO)", stat.S_ISFIFO, id="fifo"),
+    pytest.param("symlink", "a symbolic link", stat.S_ISLNK, id="symlink"),
+    pytest.param("chardev", "a character device", stat.S_ISCHR, id="device"),
+]
+
+
+@pytest.mark.parametrize(("kind", "named", "still"), SPECIAL_OUTPUTS)
+async def test_output_that_is_not_a_regular_file_is_refused_before_sending(
+    emulator: Emulator, tmp_path: Path, kind: str, named: str, still: Callable[[int], bool]
+) -> None:
+    """A device, pipe or link at the output path is refused before any request and left as it
+    was: the result's rename would have replaced it (as root, ``output="/dev/null"`` put a file
+    where the device was)."""
+    special = tmp_path / "special.png"
+    _make_special(special, kind)
+    async with client_for(emulator) as client:
+        with pytest.raises(na.OutputError) as caught:
+            await client.merge_face(FACE, TARGET, output=special)
+    assert f"the output {special} is {named}, not a regular file" in str(caught.value)
+    assert still(os.lstat(special).st_mode) and emulator.stats.requests == 0
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]
+
+
+@pytest.mark.parametrize(("kind", "named", "still"), SPECIAL_OUTPUTS)
+async def test_save_refuses_a_path_that_is_not_a_regular_file(
+    emulator: Emulator, tmp_path: Path, kind: str, named: str, still: Callable[[int], bool]
+) -> None:
+    """``save()`` leaves a device, pipe or link in place too, and names it."""
+    special = tmp_path / "special.png"
+    _make_special(special, kind)
+    async with client_for(emulator) as client:
+        result = await client.merge_face(FACE, TARGET)
+    with pytest.raises(na.OutputError, match=f"is {re.escape(named)}, not a regular file"):
+        result.save(special)
+    assert still(os.lstat(special).st_mode)
+
+
+async def test_save_into_a_file_in_the_way_is_an_output_error_naming_the_path(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """A folder that cannot be made (a file in the way) is an OutputError naming the path asked
+    for, not a raw OSError naming a temporary file."""
+    (tmp_path / "afile").write_bytes(b"x")
+    async with client_for(emulator) as client:
+        result = await client.merge_face(FACE, TARGET)
+    with pytest.raises(na.OutputError, match=f"cannot write {re.escape(str(tmp_path))}/afile/r.png: "):
+        result.save(tmp_path / "afile" / "r.png")
 
 
 async def test_save_and_to_pil(emulator: Emulator, tmp_path: Path) -> None:
