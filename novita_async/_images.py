@@ -44,6 +44,7 @@ __all__ = [
     "ImageInfo",
     "check_image",
     "fit_image",
+    "to_8bit",
 ]
 
 #: Formats the API accepts, as Pillow names them.
@@ -400,7 +401,7 @@ def _decode(
     """Decode to 8-bit RGB/RGBA; also return the EXIF orientation and an ICC profile to keep."""
     try:
         im.load()
-        image = _to_8bit(im, keep_alpha=fmt != "JPEG")
+        image = to_8bit(im, keep_alpha=fmt != "JPEG")
     except _PARSE_ERRORS as exc:
         raise _undecodable(where, fmt, damage, exc) from exc
     # An ICC profile describes the source's colour space: still right for an RGB
@@ -428,7 +429,7 @@ def _undecodable(
     )
 
 
-def _to_8bit(im: Image.Image, *, keep_alpha: bool) -> Image.Image:
+def to_8bit(im: Image.Image, *, keep_alpha: bool) -> Image.Image:
     """A new 8-bit RGB image, or RGBA when ``keep_alpha`` and the image has transparency."""
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
     if im.mode in _SIXTEEN_BIT_MODES:

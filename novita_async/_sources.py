@@ -325,12 +325,23 @@ def _encode_pil(image: Image.Image) -> bytes:
                 del _ENCODING[key]
 
 
+#: 16-bit (and 32-bit integer) greyscale modes, sent scaled to 8 bits as
+#: ``auto_resize`` does for files; float images (mode F) have no one scale.
+_WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
 def _encode_pil_now(image: Image.Image) -> bytes:
     """Encode a Pillow image for upload: JPEG stays JPEG, everything else PNG (the caller holds its lock)."""
     from PIL import Image
 
+    from novita_async._images import to_8bit
+
     buffer = io.BytesIO()
-    if image.mode not in ("RGB", "RGBA", "L", "LA"):
+    if image.mode in _WIDE_MODES:
+        # Scaled, not clipped: Pillow's own convert("RGB") maps every 16-bit
+        # value above 255 to white.
+        image = to_8bit(image, keep_alpha=False)
+    elif image.mode not in ("RGB", "RGBA", "L", "LA"):
         image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
     if getattr(image, "format", None) == "JPEG" and image.mode in ("RGB", "L"):
         image.save(buffer, format="JPEG", quality=95)
@@ -422,6 +433,13 @@ def _source_sync(value: object, input_name: str, files: FileCalls = THREADS_ONLY
     if isinstance(value, (bytes, bytearray, memoryview)):
         return BufferSource(input_name, description, memoryview(value))
     if _is_pil_image(value):
+        if getattr(value, "mode", None) == "F":
+            raise InvalidImageError(
+                f"{input_name} ({description}): a 32-bit float PIL image (mode F) has no one scale "
+                "to 8 bits [rule color_mode]. Scale it to 8 bits per channel yourself (mode L or "
+                "RGB) and pass that.",
+                input_name=input_name, source=description, rule="color_mode",
+            )
         try:
             data = _encode_pil(value)  # type: ignore[arg-type]  # checked by _is_pil_image
         except (OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -175,6 +175,32 @@ async def test_pil_image_input(emulator: Emulator) -> None:
     assert emulator.stats.successes == {job_key(face_sent, target_sent): 1}
 
 
+async def test_a_16_bit_pil_image_is_sent_scaled_not_clipped(emulator: Emulator) -> None:
+    """A 16-bit greyscale PIL image goes out scaled to 8 bits (mid-grey stays mid-grey); Pillow's
+    own conversion would send every value above 255 as white."""
+    wide = Image.new("I;16", (64, 64))
+    wide.putdata([(x * 1024 + y * 16) % 65536 for y in range(64) for x in range(64)])
+    sent = _encode_pil(wide)
+    with Image.open(io.BytesIO(sent)) as image:
+        grey = image.convert("L")
+        assert 127 <= grey.getpixel((32, 0)) <= 128  # 32768 / 257 = 127.5 (clipped: 255)
+        assert 254 <= grey.getpixel((63, 63)) <= 255  # 65520 / 257 = 254.9
+        assert grey.getpixel((0, 1)) == 0  # 16 / 257 rounds down
+    async with client_for(emulator) as client:
+        result = await client.merge_face(wide, TARGET)
+    assert result.data is not None
+    assert emulator.stats.successes == {job_key(sent, TARGET): 1}
+
+
+async def test_a_float_pil_image_is_refused_before_sending(emulator: Emulator) -> None:
+    """A float PIL image (mode F) has no one scale to 8 bits: refused, naming the rule and the fix."""
+    async with client_for(emulator) as client:
+        with pytest.raises(na.InvalidImageError) as caught:
+            await client.merge_face(Image.new("F", (64, 64), 0.5), TARGET)
+    assert caught.value.rule == "color_mode" and "Scale it to 8 bits per channel yourself" in str(caught.value)
+    assert emulator.stats.requests == 0
+
+
 async def test_unsupported_input_type(emulator: Emulator) -> None:
     """An unsupported input is refused locally, before any request."""
     async with client_for(emulator) as client:
