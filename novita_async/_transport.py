@@ -19,27 +19,31 @@ anything (:func:`refuse_netrc_credentials`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import netrc
 import os
 import re
 import sys
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from novita_async._config import ERROR_BODY_CAP, Timeout
+from novita_async._config import ERROR_BODY_CAP, MERGE_FACE_PATH, Timeout
 from novita_async._decode import SuccessBodyDecoder
 from novita_async._encode import RequestBody
 from novita_async._errors import (
     APIConnectionError,
+    APIStatusError,
     APITimeoutError,
     ConfigurationError,
     InvalidResponseError,
     NovitaError,
+    error_class_for,
     error_from_response,
 )
 from novita_async._output import Sink
@@ -63,16 +67,144 @@ async def read_capped(content: aiohttp.StreamReader, cap: int) -> bytes:
 
 
 async def _stream_success(response: aiohttp.ClientResponse, sink: Sink) -> str | None:
+    """Decode a success body into ``sink`` as it arrives; return its ``image_type``."""
     decoder = SuccessBodyDecoder()
     # One buffered network chunk at a time: readany() would join the chunks
     # waiting in the buffer into a new bytes object, a copy of the body.
-    async for chunk, _ in response.content.iter_chunks():
-        for decoded in decoder.feed_parts(chunk):
-            await sink.write(decoded)
+    # readchunk() rather than iter_chunks(): the body of a 204 is aiohttp's
+    # EMPTY_PAYLOAD, one object shared by the whole process, whose readchunk()
+    # answers (b"", True) at once and forever after its first EOF (3.14.5), so
+    # iter_chunks() never stops and never yields to the loop.
+    content = response.content
+    empty_before = False
+    while True:
+        chunk, _ = await content.readchunk()
+        if chunk:
+            empty_before = False
+            for decoded in decoder.feed_parts(chunk):
+                await sink.write(decoded)
+        elif empty_before or content.at_eof():
+            # An empty chunk is an HTTP chunk boundary; a second one in a row
+            # made no progress, so it can only be the end.
+            break
+        else:
+            empty_before = True
     tail = decoder.finish()
     if tail:
         await sink.write(tail)
     return decoder.image_type
+
+
+#: 2xx statuses whose answer never has a body (RFC 9110, 15.3.5 and 15.3.6).
+_BODILESS_2XX = frozenset({204, 205})
+
+
+def _declares_no_body(response: aiohttp.ClientResponse) -> bool:
+    """Whether a 2xx answer says, by status or ``Content-Length: 0``, that it has no body."""
+    return response.status in _BODILESS_2XX or response.content_length == 0
+
+
+async def _read_success(response: aiohttp.ClientResponse, sink: Sink, url: str) -> str | None:
+    """Stream a 2xx answer into ``sink``; a 2xx other than 200 with no body is refused unread."""
+    try:
+        if response.status != 200 and _declares_no_body(response):
+            # A complete answer that is not the success shape, like a 200 with
+            # the wrong JSON: the server would answer the same again.
+            raise InvalidResponseError(
+                f"HTTP {response.status} with no body from {url}: not a merge result (the API "
+                "answers a merge with 200 and the image as image_file)"
+            )
+        return await _stream_success(response, sink)
+    except InvalidResponseError:
+        # Close rather than release: the rest of a body the decoder gave up on
+        # must never be read as the next answer.  (A complete answer went back
+        # to aiohttp's pool at its end, before this; its framing was sound.)
+        response.close()
+        raise
+
+
+def _redirect_error(
+    status: int, headers: Mapping[str, str], url: str, body: bytes, api_key: str
+) -> APIStatusError:
+    """A 3xx answer as a non-retryable error naming where the base URL points now (pure).
+
+    The redirect is not followed: a POST turned into a GET (301 to 303) loses
+    its body, and following one to another host would send the API key there.
+    """
+    error = error_from_response(status, headers, body, redact=api_key)
+    location = headers.get("Location")
+    if not location:
+        message = f"the base URL answered HTTP {status} (a redirect) with no Location: check base_url"
+    else:
+        target = urljoin(url, location)
+        parts = urlsplit(target)
+        if parts.path.endswith(MERGE_FACE_PATH) and not parts.query and not parts.fragment:
+            # The endpoint moved as a whole (http to https, a new host): name its base URL.
+            fix = f"use base_url={target[: -len(MERGE_FACE_PATH)]!r}"
+        else:
+            fix = "use that as base_url if it is the API's new address"
+        message = f"the base URL redirects to {target} (not followed); {fix}"
+    message = message.replace(api_key, "<redacted>")
+    return APIStatusError(
+        status=status, reason=error.reason, message=message, metadata=error.metadata,
+        request_id=error.request_id, body=error.body,
+    )
+
+
+def _leading_members(body: bytes) -> dict[str, object]:
+    """The complete members at the start of a JSON object whose end was cut off (pure).
+
+    Stops quietly at the first member that is incomplete or not JSON.
+    """
+    text = body.decode("utf-8", "replace")
+    decoder = json.JSONDecoder()
+    members: dict[str, object] = {}
+    pos = _skip_space(text, 0)
+    if not text.startswith("{", pos):
+        return members
+    pos += 1
+    try:
+        while True:
+            key, pos = decoder.raw_decode(text, _skip_space(text, pos))
+            pos = _skip_space(text, pos)
+            if not isinstance(key, str) or not text.startswith(":", pos):
+                return members
+            value, pos = decoder.raw_decode(text, _skip_space(text, pos + 1))
+            members[key] = value
+            pos = _skip_space(text, pos)
+            if not text.startswith(",", pos):
+                return members
+            pos += 1
+    except ValueError:  # a member cut off by the cap, or not JSON
+        return members
+
+
+_JSON_SPACE = re.compile(r"[ \t\r\n]*")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    """Index of the first non-whitespace character at or after ``pos``."""
+    match = _JSON_SPACE.match(text, pos)
+    return match.end() if match is not None else pos
+
+
+def _with_capped_reason(error: APIStatusError) -> APIStatusError:
+    """The error of a body cut at ERROR_BODY_CAP, typed by the ``reason`` its start holds (pure).
+
+    json.loads fails on a capped body, losing a reason sent in its first
+    bytes; only the transport knows the body was capped.
+    """
+    reason = _leading_members(error.body).get("reason") if error.reason is None else None
+    if not isinstance(reason, str) or not reason:
+        return error
+    typed = error_class_for(error.status, reason)(
+        status=error.status, reason=reason, message=error.message, metadata=error.metadata,
+        request_id=error.request_id, body=error.body, retry_after=error.retry_after,
+    )
+    # Retryability follows the status alone (every class chosen by reason is
+    # a non-retryable 4xx one), so it carries over.
+    typed.retryable = error.retryable
+    return typed
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -232,8 +364,10 @@ async def send_merge_request(
         The ``image_type`` the server reported (None if it sent none).
 
     Raises:
-        APIStatusError: an error status (typed by status and reason).
-        InvalidResponseError: a 2xx whose body is not the success shape.
+        APIStatusError: an error status (typed by status and reason), or a
+            redirect (3xx: not followed; the message names its Location).
+        InvalidResponseError: a 2xx whose body is not the success shape (or
+            that has none).
         APIConnectionError / APITimeoutError: no complete answer.
         Whatever local error stopped the body stream (never disguised as a
         connection error).
@@ -252,15 +386,21 @@ async def send_merge_request(
         # error status raised by aiohttp would lose its body and pass for a
         # dropped connection (and be retried), and an undecoded gzip body would
         # pass for a malformed one.  (Both are per-request options in aiohttp 3.9.1, our floor.)
+        # allow_redirects=False: a redirect is reported (see _redirect_error), never followed.
         async with session.post(
             url, data=body.stream(), headers=headers, timeout=_aiohttp_timeout(timeout),
-            raise_for_status=False, auto_decompress=True,
+            raise_for_status=False, auto_decompress=True, allow_redirects=False,
         ) as response:
             logger.debug("HTTP %d from %s", response.status, url)
             if 200 <= response.status < 300:
-                return await _stream_success(response, sink)
+                return await _read_success(response, sink, url)
             error_body = await read_capped(response.content, ERROR_BODY_CAP)
-            raise error_from_response(response.status, response.headers, error_body, redact=api_key)
+            if 300 <= response.status < 400:
+                raise _redirect_error(response.status, response.headers, url, error_body, api_key)
+            status_error = error_from_response(response.status, response.headers, error_body, redact=api_key)
+            if len(error_body) >= ERROR_BODY_CAP:
+                status_error = _with_capped_reason(status_error)
+            raise status_error
     except NovitaError:
         raise
     except (asyncio.TimeoutError, TimeoutError) as exc:

@@ -407,7 +407,7 @@ ERROR_CASES = [
     pytest.param({"faults": Faults(fail_first=99, fail_first_kind="503")}, {}, FACE,
                  na.ServerError, "SERVICE_UNAVAILABLE", 5, id="503-exhausted"),
     pytest.param({"faults": Faults(fail_first=99, fail_first_kind="huge_error")}, {}, FACE,
-                 na.ServerError, None, 5, id="huge-error-body"),
+                 na.ServerError, "TASK_FAILED", 5, id="huge-error-body"),
     pytest.param({"faults": Faults(fail_first=99, fail_first_kind="429")},
                  {"requests_per_minute": FAST_PACE}, FACE, na.RateLimitError,
                  "RATE_LIMIT_EXCEEDED", 5, id="429-exhausted"),
