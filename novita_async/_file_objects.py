@@ -20,7 +20,7 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import IO, BinaryIO
 
@@ -206,6 +206,7 @@ def file_object_source(value: object, input_name: str, description: str) -> Imag
                     handle.flush()  # bytes still in its buffer are not in the file yet
                 start = handle.tell()
                 size = max(0, os.fstat(fd).st_size - start)
+                _check_not_at_end(fail, start, size)
                 return _DescriptorSource(input_name, description, handle, start, size)
             lock = _lock_for(handle)
             with lock:
@@ -214,6 +215,7 @@ def file_object_source(value: object, input_name: str, description: str) -> Imag
                     raise refuse_async(start)
                 end = handle.seek(0, io.SEEK_END)
                 handle.seek(start)
+            _check_not_at_end(fail, start, max(0, end - start))
             return _FileObjectSource(input_name, description, handle, start, max(0, end - start),
                                      lock)
         # A pipe cannot be measured or replayed: take it in once.
@@ -236,6 +238,13 @@ def file_object_source(value: object, input_name: str, description: str) -> Imag
                    "(a stream is read once)",
                    "Pass the path or the bytes instead, or a new stream per input.")
     return BufferSource(input_name, description, memoryview(bytes(data)))
+
+
+def _check_not_at_end(fail: Callable[[str, str, str], InvalidImageError], start: int, size: int) -> None:
+    """Refuse a stream left at its end (written, then passed without a seek): say so, not "empty"."""
+    if size == 0 and start > 0:
+        raise fail("empty", f"the stream is at its end (position {start}): it is read from where it is, "
+                   "and nothing is left", "Call seek(0) on it before passing it, or pass its bytes.")
 
 
 def _remember_consumed(handle: object) -> bool:

@@ -170,6 +170,26 @@ async def test_a_closed_pil_image_is_refused(emulator: Emulator, tmp_path: Path)
     assert "Operation on closed image" in str(error)
 
 
+@pytest.mark.parametrize("kind", ["bytesio", "file"])
+async def test_a_stream_left_at_its_end_is_named_as_such(emulator: Emulator, tmp_path: Path, kind: str) -> None:
+    """An image written into a stream and passed without seek(0): the error says the stream is at
+    its end and to seek(0), not that the file is empty."""
+    stream: io.BufferedRandom | io.BytesIO
+    if kind == "bytesio":
+        stream = io.BytesIO()
+    else:
+        stream = (tmp_path / "face.png").open("w+b")
+    with stream:
+        stream.write(FACE)
+        async with _client(emulator) as client:
+            with pytest.raises(na.InvalidImageError) as caught:
+                await client.merge_face(stream, TARGET)
+    assert caught.value.rule == "empty"
+    assert f"the stream is at its end (position {len(FACE)})" in str(caught.value)
+    assert "Call seek(0) on it before passing it" in str(caught.value)
+    assert emulator.stats.requests == 0
+
+
 # -- inputs near the rules that are sent ----------------------------------------------------
 
 
