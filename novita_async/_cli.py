@@ -12,11 +12,13 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -214,9 +216,33 @@ def _remove_made_folders(folders: list[Path]) -> None:
             return  # not empty (someone else's files), or not ours to remove
 
 
+def _check_merge_output(output: str) -> None:
+    """Refuse an ``-o`` that names no file: empty, or ending in a path separator (a folder)."""
+    if not output:
+        raise UsageError("-o is empty: give the path of the result file, such as -o merged.png")
+    if output.endswith(("/", os.sep)) or (os.altsep is not None and output.endswith(os.altsep)):
+        # Path() drops the slash, which would write a file named after the folder.
+        raise UsageError(f"-o {output} ends in a slash, so it names a folder, not a file: give the "
+                         f"result a file name (such as -o {output}merged.png)")
+
+
+def _check_base_url_credentials(client: NovitaClient, given: str | None) -> None:
+    """Refuse a base URL holding ``user:password@``: it is never sent (the key is the only credential)."""
+    parts = urlsplit(client.base_url)
+    if parts.username is None and parts.password is None:
+        return
+    source = "--base-url" if given else f"${BASE_URL_ENV}"
+    # The URL is not echoed: it holds a password.
+    bare = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+    raise UsageError(f"{source} holds a user name (user:password@ before the host), which is never "
+                     f"sent: the API key is the only credential; give the URL without it, such as {bare}")
+
+
 async def _merge_command(args: argparse.Namespace) -> int:
+    _check_merge_output(args.output)
     image_type = _merge_type(args.output, args.type)
     client = _client_from_args(args)
+    _check_base_url_credentials(client, args.base_url)
     # The call makes -o's missing folders; a run that writes no result takes
     # them away again, rather than leave empty folders for every failed try.
     made = _folders_to_make(args.output)
@@ -241,8 +267,9 @@ async def _merge_command(args: argparse.Namespace) -> int:
                 result = await client.merge_face(args.face, args.image, response_image_type=image_type,
                                                  output=args.output)
                 written = True
-            except (InvalidImageError, OutputError) as exc:
-                # The inputs or -o (a folder, an unwritable place) are at fault: an input error.
+            except (InvalidImageError, OutputError, ConfigurationError) as exc:
+                # The inputs, -o (a folder, an unwritable place) or the settings (a
+                # .netrc entry aiohttp would send) are at fault: a usage or input error.
                 raise UsageError(str(exc)) from None
             except NovitaError as exc:
                 say(f"error: {type(exc).__name__}: {exc}")

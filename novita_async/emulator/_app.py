@@ -20,13 +20,14 @@ from aiohttp import web
 from PIL import Image
 
 from novita_async._b64 import b64decode_strict, b64encode
-from novita_async._config import MAX_IMAGE_BYTES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, RESPONSE_IMAGE_TYPES
+from novita_async._config import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, RESPONSE_IMAGE_TYPES
 from novita_async.emulator._budget import BodyBudget
 from novita_async.emulator._config import EmulatorConfig
 from novita_async.emulator._facemerge import NoFaceFoundError
-from novita_async.emulator._faults import LATE_FAULTS, drop, error_response, inject, truncated
+from novita_async.emulator._faults import LATE_FAULTS, dripped, drop, error_response, inject, truncated
 from novita_async.emulator._merge import MergeFn, encode_result, select_merge
 from novita_async.emulator._ratelimit import SlidingWindow, TokenBucket
+from novita_async.emulator._requestlog import log_requests, note_fault
 from novita_async.emulator._stats import EmulatorStats, job_key
 
 __all__ = ["CONFIG", "STATS", "EmulatorStats", "create_app"]
@@ -137,21 +138,41 @@ def _parse_body(raw: bytearray) -> tuple[bytes, bytes, str, bool] | web.Response
     if image_type not in RESPONSE_IMAGE_TYPES:
         return error_response(400, "INVALID_REQUEST_BODY",
                       f"extra.response_image_type must be one of {', '.join(RESPONSE_IMAGE_TYPES)}")
-    plan = extra.get("enterprise_plan")
-    enterprise = isinstance(plan, dict) and plan.get("enabled") is True
+    enterprise = _enterprise_plan(extra)
+    if isinstance(enterprise, web.Response):
+        return enterprise
     return decoded[0], decoded[1], image_type, enterprise
 
 
+def _enterprise_plan(extra: dict[str, Any]) -> bool | web.Response:
+    """Whether ``extra.enterprise_plan`` asks for the dedicated endpoints, or a 400 for a malformed one.
+
+    Strict like the rest of ``extra``: ``"enterprise_plan": true`` (the easy
+    mistake) would otherwise pass for "not enterprise", and a client sending
+    it would never learn that it never used the dedicated endpoints.
+    """
+    if "enterprise_plan" not in extra:
+        return False
+    plan = extra["enterprise_plan"]
+    if not isinstance(plan, dict) or not isinstance(plan.get("enabled", False), bool):
+        return error_response(400, "INVALID_REQUEST_BODY",
+                              'extra.enterprise_plan must be an object such as {"enabled": true}, '
+                              "with enabled a boolean")
+    return plan.get("enabled") is True
+
+
 class _BadImage(Exception):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.reason, self.message = reason, message
+        self.reason, self.message, self.metadata = reason, message, metadata
 
 
-def _open_checked(data: bytes, name: str) -> Image.Image:
+def _open_checked(data: bytes, name: str, max_bytes: int) -> Image.Image:
     """Open an input as the API would, raising _BadImage with the API's reason."""
-    if len(data) > MAX_IMAGE_BYTES:
-        raise _BadImage("IMAGE_FILE_EXCEEDS_MAX_SIZE", f"{name} exceeds 30 MB")
+    if len(data) > max_bytes:
+        # The metadata says which reading of "30 MB" refused it (see EmulatorConfig.max_image_bytes).
+        raise _BadImage("IMAGE_FILE_EXCEEDS_MAX_SIZE", f"{name} exceeds 30 MB ({len(data):,} bytes)",
+                        {"field": name, "size_bytes": str(len(data)), "max_bytes": str(max_bytes)})
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -177,21 +198,21 @@ def _open_checked(data: bytes, name: str) -> Image.Image:
     return image
 
 
-def _merge_to_body(merge: MergeFn, face: bytes, image: bytes, image_type: str, png_level: int) -> bytes:
+def _merge_to_body(merge: MergeFn, face: bytes, image: bytes, image_type: str, config: EmulatorConfig) -> bytes:
     """Decode, merge, encode and wrap in the success JSON (runs in a thread)."""
-    face_img = _open_checked(face, "face_image_file")
-    target_img = _open_checked(image, "image_file")
+    face_img = _open_checked(face, "face_image_file", config.max_image_bytes)
+    target_img = _open_checked(image, "image_file", config.max_image_bytes)
     result = merge(face_img, target_img)
-    encoded = b64encode(encode_result(result, image_type, png_level))
+    encoded = b64encode(encode_result(result, image_type, config.png_level))
     return b'{"image_file":"' + encoded + b'","image_type":"' + image_type.encode() + b'"}'
 
 
 def _timed_merge_to_body(
-    merge: MergeFn, face: bytes, image: bytes, image_type: str, png_level: int
+    merge: MergeFn, face: bytes, image: bytes, image_type: str, config: EmulatorConfig
 ) -> tuple[bytes, float]:
     """_merge_to_body plus the CPU seconds it took, timed in the worker thread."""
     cpu = time.thread_time()
-    body = _merge_to_body(merge, face, image, image_type, png_level)
+    body = _merge_to_body(merge, face, image, image_type, config)
     return body, time.thread_time() - cpu
 
 
@@ -217,7 +238,7 @@ class _Fault:
 
     Attributes:
         kind: The fault (see ``FAULT_KINDS``).
-        body: The merged answer, for a fault that spoils one (``truncate``).
+        body: The merged answer, for a fault that spoils one (``truncate``, ``drip``).
     """
 
     kind: str
@@ -289,7 +310,16 @@ async def _receive(
         logger.info("closed a connection whose request body took over %g s", config.body_read_timeout)
         return drop(request)
     except _BodyTooLarge:
-        return error_response(400, "IMAGE_FILE_EXCEEDS_MAX_SIZE", "request body too large: images exceed 30 MB")
+        return error_response(400, "IMAGE_FILE_EXCEEDS_MAX_SIZE", "request body too large: images exceed 30 MB",
+                              metadata={"max_body_bytes": str(config.max_body_bytes)})
+
+
+def _limit_metadata(config: EmulatorConfig) -> dict[str, str]:
+    """The rate limit a 429 enforced, as the string map API errors carry."""
+    if config.rate_limit_kind == "window":
+        return {"limit": f"{config.rate_limit_rpm:g}/min", "kind": "window",
+                "window_seconds": f"{config.rate_limit_window:g}"}
+    return {"limit": f"{config.rate_limit_rpm:g}/min", "kind": "bucket", "burst": str(config.rate_limit_burst)}
 
 
 def _refuse_before_parsing(request: web.Request, state: _State) -> web.Response | None:
@@ -300,7 +330,8 @@ def _refuse_before_parsing(request: web.Request, state: _State) -> web.Response 
         if wait > 0:
             headers = {"Retry-After": str(max(1, int(wait + 0.999)))} if (
                 state.config.rate_limit_retry_after) else {}
-            return error_response(429, "RATE_LIMIT_EXCEEDED", "images per minute limit exceeded", **headers)
+            return error_response(429, "RATE_LIMIT_EXCEEDED", "images per minute limit exceeded",
+                                  metadata=_limit_metadata(state.config), headers=headers)
     if request.content_type != "application/json":  # parameters such as charset are fine
         return error_response(400, "INVALID_REQUEST_BODY", "Content-Type must be application/json")
     return None
@@ -321,12 +352,12 @@ async def _merge(
             await asyncio.sleep(delay)
         slept = time.perf_counter() - slept
         body, merge_cpu = await anyio.to_thread.run_sync(
-            _timed_merge_to_body, state.merge, face, image, image_type, state.config.png_level,
+            _timed_merge_to_body, state.merge, face, image, image_type, state.config,
             limiter=state.merge_limiter,
         )
         return body, slept, merge_cpu
     except _BadImage as exc:
-        return error_response(400, exc.reason, exc.message)
+        return error_response(400, exc.reason, exc.message, metadata=exc.metadata)
     except NoFaceFoundError as exc:
         name = "face_image_file" if exc.which == "face_image" else "image_file"
         return error_response(400, "IMAGE_NO_FACE_DETECTED", f"no face detected in {name}")
@@ -355,6 +386,7 @@ async def _receive_and_merge(
     fault = _pick_fault(state, key, stats.attempts[key])
     if fault is not None:
         stats.faults[fault] += 1
+        note_fault(fault)
         if fault == "drop":
             return drop(request)
         if fault not in LATE_FAULTS:
@@ -363,7 +395,7 @@ async def _receive_and_merge(
     if isinstance(merged, web.Response):
         return merged
     body, slept, merge_cpu = merged
-    if fault == "truncate":
+    if fault in ("truncate", "drip"):
         return _Fault(fault, body)
     stats.successes[key] += 1
     state.successes_total += 1
@@ -393,6 +425,8 @@ async def _handle(request: web.Request, state: _State, stats: EmulatorStats) -> 
         return outcome
     if outcome.kind == "truncate":
         return await truncated(request, outcome.body)
+    if outcome.kind == "drip":
+        return await dripped(request, outcome.body, state.config.faults.drip_interval)
     return await inject(outcome.kind, request, state.config.faults)
 
 
@@ -426,7 +460,7 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         return error_response(404, "API_NOT_FOUND", f"no API at {request.path}")
     except web.HTTPMethodNotAllowed as exc:
         return error_response(405, "METHOD_NOT_ALLOWED", f"{request.method} is not allowed here; use POST",
-                      Allow=",".join(sorted(exc.allowed_methods)))
+                              headers={"Allow": ",".join(sorted(exc.allowed_methods))})
 
 
 async def _stats(request: web.Request) -> web.Response:
@@ -449,7 +483,7 @@ def create_app(config: EmulatorConfig | None = None) -> web.Application:
         >>> web.run_app(app, host="127.0.0.1", port=8080)  # doctest: +SKIP
     """
     config = config or EmulatorConfig()
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_json_errors])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[log_requests, _json_errors])
     app[CONFIG] = config
     app[STATS] = EmulatorStats()
     app[_STATE] = _State(config, app[STATS])

@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import logging
 import signal
 import socket
 import sys
 
 from novita_async._argtypes import number_arg
-from novita_async.emulator._config import DEFAULT_API_KEY, FAULT_KINDS, EmulatorConfig, Faults
+from novita_async._config import Timeout
+from novita_async.emulator._config import DEFAULT_API_KEY, FAULT_KINDS, IMAGE_LIMITS, EmulatorConfig, Faults
 from novita_async.emulator._server import Emulator
 
 __all__ = ["add_serve_options", "config_from_args", "serve_command"]
@@ -48,8 +50,12 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fail-first", type=_COUNT, default=0, metavar="N",
                         help="fail the first N attempts of each job")
     parser.add_argument("--seed", type=int, help="seed for the fault dice")
-    parser.add_argument("--slow-seconds", type=_SECONDS, default=30.0, metavar="S",
-                        help="how long a 'slow' fault takes (default: 30)")
+    parser.add_argument("--slow-seconds", type=_SECONDS, default=Faults.slow_seconds, metavar="S",
+                        help=f"how long a 'slow' fault takes before its 500 (default: {Faults.slow_seconds:g}, "
+                             f"longer than the client's default {Timeout.total:g} s timeout)")
+    parser.add_argument("--drip-interval", type=_SECONDS, default=Faults.drip_interval, metavar="S",
+                        help=f"seconds between the bytes of a 'drip' answer (default: {Faults.drip_interval:g}, "
+                             f"longer than the client's default {Timeout.read:g} s read timeout; 0 sends it at once)")
     parser.add_argument("--rpm", type=number_arg(float, 0, above=True), metavar="R",
                         help="per-key rate limit in requests per minute")
     parser.add_argument("--burst", type=number_arg(int, 1), default=3, metavar="N",
@@ -66,6 +72,10 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                         help="successful merges before BILLING_BALANCE_NOT_ENOUGH")
     parser.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                         help="zlib level of PNG results; 0 stores them uncompressed (default: 1)")
+    parser.add_argument("--size-limit-unit", choices=tuple(IMAGE_LIMITS), default="mib",
+                        help="how the API's 30 MB per image is read, as its docs do not say: mib "
+                             f"({IMAGE_LIMITS['mib']:,} bytes, the client's reading; default) or mb "
+                             f"({IMAGE_LIMITS['mb']:,} bytes)")
     parser.add_argument("--keepalive-timeout", type=number_arg(float, 0, above=True), default=75.0, metavar="S",
                         help="seconds before an idle keep-alive connection is closed (default: 75)")
     parser.add_argument("--max-body-held-mib", type=number_arg(float, 0, above=True), default=512.0, metavar="M",
@@ -78,13 +88,14 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     """Build the emulator's config from parsed ``serve`` options."""
     faults = Faults(rates=dict(args.fault), fail_first=args.fail_first, seed=args.seed,
-                    slow_seconds=args.slow_seconds)
+                    slow_seconds=args.slow_seconds, drip_interval=args.drip_interval)
     return EmulatorConfig(
         api_keys=tuple(args.api_keys or (DEFAULT_API_KEY,)), latency=args.latency, jitter=args.jitter,
         faults=faults, rate_limit_rpm=args.rpm, rate_limit_burst=args.burst,
         rate_limit_kind=args.rate_limit_kind,
         rate_limit_retry_after=args.retry_after, merge_workers=args.workers, engine=args.engine,
         balance=args.balance, png_level=args.png_level, keepalive_timeout=args.keepalive_timeout,
+        max_image_bytes=IMAGE_LIMITS[args.size_limit_unit],
         # At least a byte: a tiny fraction of a MiB must not round to an invalid 0.
         max_body_bytes_held=max(1, int(args.max_body_held_mib * _MIB)),
         body_read_timeout=args.body_read_timeout,
@@ -127,6 +138,9 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"novita-async serve: error: {exc}\n")
         return 2
+    # -vv is for the emulator's line per request; Pillow's debug lines (one per
+    # PNG chunk it reads) would bury them.
+    logging.getLogger("PIL").setLevel(logging.INFO)
     return asyncio.run(_serve(config, args.host, args.port))
 
 

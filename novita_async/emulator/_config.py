@@ -7,10 +7,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-__all__ = ["FAULT_KINDS", "DEFAULT_API_KEY", "EmulatorConfig", "Faults"]
+from novita_async._config import MAX_IMAGE_BYTES, Timeout
+
+__all__ = ["DEFAULT_API_KEY", "FAULT_KINDS", "IMAGE_LIMITS", "EmulatorConfig", "Faults"]
 
 #: The key the emulator accepts unless told otherwise (and the demo uses).
 DEFAULT_API_KEY = "sk_emulator_local"
+
+#: The two readings of the API's "at most 30 MB" per image, in bytes: the docs
+#: do not say which.  "mib" is the client's reading (the larger, see
+#: novita_async._config.MAX_IMAGE_BYTES) and the emulator's default; "mb"
+#: refuses the files between the two, as the API would if it counts in MB.
+IMAGE_LIMITS: Mapping[str, int] = MappingProxyType({"mib": MAX_IMAGE_BYTES, "mb": 30_000_000})
 
 #: Fault kinds and what each does to one attempt.
 FAULT_KINDS: Mapping[str, str] = MappingProxyType({
@@ -19,10 +27,12 @@ FAULT_KINDS: Mapping[str, str] = MappingProxyType({
     "503": "503 surge protection (JSON body)",
     "429": "429 RATE_LIMIT_EXCEEDED without Retry-After",
     "429_retry_after": "429 RATE_LIMIT_EXCEEDED with Retry-After: 1",
+    "429_retry_date": "429 RATE_LIMIT_EXCEEDED with Retry-After as an HTTP date, 1 to 2 s ahead",
     "drop": "connection closed without an answer",
     "truncate": "200 whose body stops half-way, then the connection closes",
-    "slow": "answer only after slow_seconds (longer than a client's timeout)",
-    "drip": "200 whose body trickles one byte per drip_interval seconds",
+    "slow": "500 TASK_FAILED only after slow_seconds (by default longer than the client's whole-attempt timeout)",
+    "drip": "200 whose body, the real merged answer, trickles out one byte per drip_interval seconds "
+            "(by default longer than the client's read timeout)",
     "bad_json": "200 whose body is not JSON",
     "no_image_file": "200 with JSON lacking image_file",
     "bad_base64": "200 whose image_file is not valid base64",
@@ -32,6 +42,8 @@ FAULT_KINDS: Mapping[str, str] = MappingProxyType({
     "invalid_image_size": "400 INVALID_IMAGE_SIZE (JSON body)",
     "billing_auth_failed": "403 BILLING_AUTH_FAILED (JSON body)",
     "api_not_allowed": "403 API_NOT_ALLOWED (JSON body)",
+    "billing_failed": "500 BILLING_FAILED (JSON body)",
+    "get_result_failed": "500 GET_RESULT_FAILED (JSON body)",
 })
 
 
@@ -46,8 +58,12 @@ class Faults:
             images), whatever the rates say.
         fail_first_kind: The fault used for ``fail_first``.
         seed: Seed for the fault dice (None: random).
-        slow_seconds: How long a ``slow`` answer takes.
-        drip_interval: Seconds between bytes of a ``drip`` answer.
+        slow_seconds: How long a ``slow`` answer takes (default 200: longer
+            than the client's default ``Timeout.total`` of 180 s, so with
+            defaults it is a timeout, as its name says).
+        drip_interval: Seconds between bytes of a ``drip`` answer (default
+            150: longer than the client's default ``Timeout.read`` of 120 s,
+            so with defaults the read timeout catches it).
 
     Example:
         >>> Faults(rates={"503": 0.1, "drop": 0.05}).total_rate
@@ -58,8 +74,9 @@ class Faults:
     fail_first: int = 0
     fail_first_kind: str = "503"
     seed: int | None = None
-    slow_seconds: float = 30.0
-    drip_interval: float = 1.0
+    # Tied to the client's defaults so each fault stays what its name says if they change.
+    slow_seconds: float = Timeout.total + 20.0
+    drip_interval: float = Timeout.read + 30.0
 
     def __post_init__(self) -> None:
         unknown = set(self.rates) - set(FAULT_KINDS)
@@ -105,6 +122,9 @@ class EmulatorConfig:
         engine: ``"auto"`` (the real face merge when the [local] extra is
             installed, else the composite), ``"face"`` or ``"composite"``.
         balance: Successful merges before ``BILLING_BALANCE_NOT_ENOUGH`` (None: unlimited).
+        max_image_bytes: Largest image file accepted, in bytes (each image,
+            decoded from base64): 30 MiB by default; ``IMAGE_LIMITS["mb"]``
+            (30,000,000) reads the API's "30 MB" in decimal megabytes.
         max_body_bytes: Largest request body accepted (two 30 MB images as base64, plus slack).
         max_body_bytes_held: Request body bytes held at once (read, parsed or
             being merged), across all requests: a request reserves its
@@ -137,6 +157,7 @@ class EmulatorConfig:
     merge_workers: int = 2
     engine: str = "auto"
     balance: int | None = None
+    max_image_bytes: int = MAX_IMAGE_BYTES
     max_body_bytes: int = 2 * 41 * 1024 * 1024 + 64 * 1024
     png_level: int = 1
     keepalive_timeout: float = 75.0
@@ -165,6 +186,7 @@ class EmulatorConfig:
         _require(self.merge_workers >= 1, "merge_workers", self.merge_workers, "1 or more")
         _require(self.balance is None or self.balance >= 0, "balance", self.balance,
                  "0 or more merges, or None for no limit")
+        _require(self.max_image_bytes > 0, "max_image_bytes", self.max_image_bytes, "a positive number of bytes")
         _require(self.max_body_bytes > 0, "max_body_bytes", self.max_body_bytes, "a positive size")
         _require(self.max_body_bytes_held > 0, "max_body_bytes_held", self.max_body_bytes_held,
                  "a positive number of bytes")

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import email.utils
+import math
+import time
+from collections.abc import Mapping
 
 from aiohttp import web
-from PIL import Image
 
-from novita_async._b64 import b64encode
 from novita_async.emulator._config import Faults
-from novita_async.emulator._merge import stored_png
 
-__all__ = ["LATE_FAULTS", "drop", "error_response", "inject", "truncated"]
+__all__ = ["LATE_FAULTS", "dripped", "drop", "error_response", "inject", "truncated"]
 
 #: Faults applied after the merge (to its answer) rather than instead of it.
-LATE_FAULTS = frozenset({"truncate", "wrong_content_type"})
+LATE_FAULTS = frozenset({"truncate", "wrong_content_type", "drip"})
 
 #: Faults answered with the API's JSON error shape: kind -> (status, reason, message).
 _JSON_ERRORS: dict[str, tuple[int, str, str]] = {
     "500": (500, "CREATE_TASK_FAILED", "failed to create task"),
+    "billing_failed": (500, "BILLING_FAILED", "failed to bill this request"),
+    "get_result_failed": (500, "GET_RESULT_FAILED", "failed to get the task's result"),
     "503": (503, "SERVICE_UNAVAILABLE", "surge protection: try again later"),
     "429": (429, "RATE_LIMIT_EXCEEDED", "rate limit exceeded"),
     "invalid_image_size": (400, "INVALID_IMAGE_SIZE", "image size is not supported"),
@@ -34,10 +36,23 @@ _HTML_ERRORS: dict[str, tuple[int, str, str]] = {
 }
 
 
-def error_response(status: int, reason: str, message: str, **headers: str) -> web.Response:
-    """An answer in the API's error shape."""
-    body = {"code": status, "reason": reason, "message": message, "metadata": {}}
-    return web.json_response(body, status=status, headers=headers or None)
+def error_response(
+    status: int, reason: str, message: str, *, metadata: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """An answer in the API's error shape; ``metadata`` is its string-to-string map of context."""
+    body = {"code": status, "reason": reason, "message": message, "metadata": dict(metadata or {})}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def retry_after_date(now: float | None = None) -> str:
+    """A ``Retry-After`` HTTP date (RFC 9110) 1 to 2 seconds after ``now`` (default: the clock).
+
+    HTTP dates count whole seconds: rounding up first keeps the date from
+    falling in the past, which a client would read as "retry at once".
+    """
+    moment = math.ceil(time.time() if now is None else now) + 1
+    return email.utils.formatdate(moment, usegmt=True)
 
 
 def drop(request: web.Request) -> web.StreamResponse:
@@ -70,7 +85,10 @@ async def inject(kind: str, request: web.Request, faults: Faults) -> web.StreamR
     if kind in _HTML_ERRORS:
         return _html_page(*_HTML_ERRORS[kind])
     if kind == "429_retry_after":
-        return error_response(429, "RATE_LIMIT_EXCEEDED", "rate limit exceeded", **{"Retry-After": "1"})
+        return error_response(429, "RATE_LIMIT_EXCEEDED", "rate limit exceeded", headers={"Retry-After": "1"})
+    if kind == "429_retry_date":
+        return error_response(429, "RATE_LIMIT_EXCEEDED", "rate limit exceeded",
+                              headers={"Retry-After": retry_after_date()})
     if kind == "huge_error":
         return error_response(500, "TASK_FAILED", "x" * (10 * 1024 * 1024))
     if kind == "bad_json":
@@ -83,25 +101,23 @@ async def inject(kind: str, request: web.Request, faults: Faults) -> web.StreamR
     if kind == "slow":
         await asyncio.sleep(faults.slow_seconds)
         return error_response(500, "TASK_FAILED", "too slow")
-    if kind == "drip":
-        return await _drip(request, faults.drip_interval)
     raise AssertionError(f"fault {kind} is handled by the caller")
 
 
-async def _drip(request: web.Request, interval: float) -> web.StreamResponse:
-    """A 200 whose (small, valid) body trickles out one byte per ``interval`` seconds."""
-    body = _drip_body()
+async def dripped(request: web.Request, body: bytes, interval: float) -> web.StreamResponse:
+    """A 200 whose ``body`` (the real merged answer) trickles out one byte per ``interval`` seconds.
+
+    The real answer, not a stand-in: a client patient enough to wait it out
+    gets the merge it asked for, never an image that passes for one.
+    """
     response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
     response.content_length = len(body)
     await response.prepare(request)
+    if interval <= 0:  # nothing to trickle: thousands of one-byte writes would only cost CPU
+        await response.write(body)
+        return response
     for index in range(len(body)):
+        if index:
+            await asyncio.sleep(interval)
         await response.write(body[index : index + 1])
-        await asyncio.sleep(interval)
     return response
-
-
-@functools.cache
-def _drip_body() -> bytes:
-    """A small but real success body (a 1x1 PNG) for the ``drip`` fault."""
-    png = stored_png(Image.new("RGB", (1, 1), (128, 128, 128)))
-    return b'{"image_file":"' + b64encode(png) + b'","image_type":"png"}'

@@ -12,9 +12,20 @@ from novita_async.emulator._app import STATS, create_app, engine_name
 from novita_async.emulator._config import DEFAULT_API_KEY, EmulatorConfig
 from novita_async.emulator._stats import EmulatorStats
 
-__all__ = ["Emulator"]
+__all__ = ["Emulator", "base_url"]
 
 logger = logging.getLogger("novita_async.emulator")
+
+
+def base_url(host: str, port: int) -> str:
+    """``http://host:port``, with an IPv6 address in brackets as URLs need (RFC 3986).
+
+    ``http://::1:8787`` cannot be told apart from an address ending in ``:8787``;
+    clients, ours included, refuse it.
+    """
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 class Emulator:
@@ -22,7 +33,8 @@ class Emulator:
 
     Args:
         config: Behaviour (latency, faults, rate limit, keys).
-        host: Interface to bind; loopback unless you really mean otherwise.
+        host: Interface to bind; loopback unless you really mean otherwise
+            (``"::1"`` for IPv6: ``url`` puts it in brackets).
         port: TCP port; 0 picks a free one (read it back from ``url``).
 
     Example:
@@ -47,8 +59,8 @@ class Emulator:
 
     @property
     def url(self) -> str:
-        """Base URL to give the client."""
-        return f"http://{self.host}:{self.port}"
+        """Base URL to give the client (an IPv6 host in brackets: ``http://[::1]:8787``)."""
+        return base_url(self.host, self.port)
 
     @property
     def api_key(self) -> str:
