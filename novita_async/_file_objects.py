@@ -20,7 +20,7 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import IO, BinaryIO
 
@@ -36,7 +36,7 @@ from novita_async._source_base import (
     read_exactly,
 )
 
-__all__ = ["file_object_source"]
+__all__ = ["at_its_end", "file_object_source"]
 
 
 @dataclass
@@ -206,7 +206,6 @@ def file_object_source(value: object, input_name: str, description: str) -> Imag
                     handle.flush()  # bytes still in its buffer are not in the file yet
                 start = handle.tell()
                 size = max(0, os.fstat(fd).st_size - start)
-                _check_not_at_end(fail, start, size)
                 return _DescriptorSource(input_name, description, handle, start, size)
             lock = _lock_for(handle)
             with lock:
@@ -215,7 +214,6 @@ def file_object_source(value: object, input_name: str, description: str) -> Imag
                     raise refuse_async(start)
                 end = handle.seek(0, io.SEEK_END)
                 handle.seek(start)
-            _check_not_at_end(fail, start, max(0, end - start))
             return _FileObjectSource(input_name, description, handle, start, max(0, end - start),
                                      lock)
         # A pipe cannot be measured or replayed: take it in once.
@@ -240,11 +238,24 @@ def file_object_source(value: object, input_name: str, description: str) -> Imag
     return BufferSource(input_name, description, memoryview(bytes(data)))
 
 
-def _check_not_at_end(fail: Callable[[str, str, str], InvalidImageError], start: int, size: int) -> None:
-    """Refuse a stream left at its end (written, then passed without a seek): say so, not "empty"."""
-    if size == 0 and start > 0:
-        raise fail("empty", f"the stream is at its end (position {start}): it is read from where it is, "
-                   "and nothing is left", "Call seek(0) on it before passing it, or pass its bytes.")
+def at_its_end(source: ImageSource, problem: InvalidImageError) -> InvalidImageError:
+    """``problem``, or for an "empty" stream read from past its start, the error that says why.
+
+    An image written into a stream and passed without a seek is read from
+    where it is: there is nothing left, and "the file is empty" would send
+    the caller looking at the wrong thing.
+    """
+    start = getattr(source, "start", 0) if isinstance(source, (_DescriptorSource, _FileObjectSource)) else 0
+    if problem.rule != "empty" or start <= 0:
+        return problem
+    error = InvalidImageError(
+        f"{source.input_name} ({source.description}): the stream is at its end (position {start}): "
+        "it is read from where it is, and nothing is left [rule empty]. Call seek(0) on it before "
+        "passing it, or pass its bytes.",
+        input_name=source.input_name, source=source.description, rule="empty",
+    )
+    error.__cause__ = problem
+    return error
 
 
 def _remember_consumed(handle: object) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 from novita_async._config import RESPONSE_IMAGE_TYPES
+from novita_async._errors import ConfigurationError
 
 if TYPE_CHECKING:
     from novita_async._result import MergeFaceResult
@@ -62,12 +63,18 @@ class MergeJob:
     Args:
         face_image: The face to put in (path, bytes, file object or PIL image).
         image: The picture that receives it.
-        output: Where to write the result; relative paths go under the batch's
-            ``output_dir``. None: ``<output_dir>/<id>.<ext>``, or in memory
-            when the batch has no ``output_dir``.
-        id: A stable id for the ledger and resume; derived from the inputs
-            when None (see :func:`job_identity`).
+        output: Where to write the result, a ``str`` or ``os.PathLike`` path;
+            relative paths go under the batch's ``output_dir``. None:
+            ``<output_dir>/<id>.<ext>``, or in memory when the batch has no
+            ``output_dir``.
+        id: A stable id (a ``str``) for the ledger and resume; derived from
+            the inputs when None (see :func:`job_identity`).
         response_image_type: Overrides the batch's type for this job.
+
+    Raises:
+        ConfigurationError: ``id`` is not a str, ``output`` is not a non-empty
+            str or ``os.PathLike`` (bytes are not taken), or
+            ``response_image_type`` is not png, webp or jpeg.
 
     Example:
         >>> MergeJob("faces/a.jpg", "photos/b.jpg", id="a-b").id
@@ -81,15 +88,45 @@ class MergeJob:
     response_image_type: str | None = None
 
     def __post_init__(self) -> None:
+        # Checked here, where the caller made the job: found out in the batch,
+        # a wrong id or output would fail far from its cause.
+        _check_id(self.id)
+        _check_job_output(self.output)
         if self.response_image_type is not None and self.response_image_type not in RESPONSE_IMAGE_TYPES:
-            raise ValueError(
-                f"response_image_type {self.response_image_type!r} is not one of "
-                f"{', '.join(RESPONSE_IMAGE_TYPES)}"
+            raise ConfigurationError(
+                f"MergeJob response_image_type {self.response_image_type!r} is not one of "
+                f"{', '.join(RESPONSE_IMAGE_TYPES)}; pass one of them (lower case), or None for the batch's"
             )
 
     def with_id(self, job_id: str) -> MergeJob:
         """A copy with ``id`` set."""
         return replace(self, id=job_id)
+
+
+def _shown(value: object) -> str:
+    """A wrong value for a message: its type and the start of its repr."""
+    return f"{type(value).__name__} {value!r:.40}"
+
+
+def _check_id(job_id: object) -> None:
+    """Refuse a MergeJob id that is not a str: it names the ledger line and the output file."""
+    if job_id is not None and not isinstance(job_id, str):
+        raise ConfigurationError(
+            f"MergeJob id must be a str, got {_shown(job_id)}; pass id=str(...), or None for one "
+            "derived from the inputs"
+        )
+
+
+def _check_job_output(output: object) -> None:
+    """Refuse a MergeJob output that is not a file path (bytes, a number, an empty string)."""
+    if output is None:
+        return
+    path = os.fspath(output) if isinstance(output, (str, os.PathLike)) else None
+    if not isinstance(path, str) or not path:
+        raise ConfigurationError(
+            f"MergeJob output must be the path of the result file (a non-empty str or os.PathLike), "
+            f"got {_shown(output)}; pass output=None for <output_dir>/<id>.<ext>"
+        )
 
 
 def _describe_for_id(value: object) -> str | None:

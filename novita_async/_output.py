@@ -67,9 +67,23 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_refresh_writer_tag)
 
 
+#: Longest file name most file systems take, in bytes.
+_NAME_MAX = 255
+#: What a temporary name adds to its prefix: 8 hex digits and ".part".
+_TEMP_SUFFIX_BYTES = 8 + len(".part")
+
+
 def temp_prefix(path: Path) -> str:
-    """The prefix of the temporary file that becomes ``path``."""
-    return f".{path.name}.~{_WRITER}~"
+    """The prefix of the temporary file that becomes ``path``.
+
+    The result's own name is cut to fit: a result named in 200 bytes or more
+    is a legal name whose temporary file's name would not be.  (The name in
+    it only tells a reader which result a temporary file is for.)
+    """
+    tag = f".~{_WRITER}~"
+    room = _NAME_MAX - 1 - _TEMP_SUFFIX_BYTES - len(tag.encode("utf-8", "surrogateescape"))
+    name = path.name.encode("utf-8", "surrogateescape")[: max(room, 1)]
+    return f".{name.decode('utf-8', 'ignore')}{tag}"
 
 
 def create_temp_file(path: Path) -> tuple[int, str]:

@@ -9,6 +9,7 @@ does not say what it would hold (see :func:`~novita_async._jobs.output_name_prob
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -19,8 +20,36 @@ from novita_async._jobs import MergeJob, job_identity, output_extension, output_
 __all__ = ["JobPlaces", "output_key"]
 
 
+#: Longest file name most file systems take (ext4, xfs, btrfs, APFS: 255 bytes).
+_NAME_MAX_BYTES = 255
+#: The longest extension a default output name gets (``.webp``).
+_LONGEST_EXTENSION = len(".webp")
+#: Bytes a cut id keeps, hash suffix included: the 200 characters an ASCII id
+#: has always been cut to, which leave room for the longer name of the
+#: temporary file written beside the result (``.<name>.~<host>-<pid>~<random>.part``).
+_CUT_BYTES = 200
+#: Hex digits of the full id's SHA-256 ending a cut name, so two long ids
+#: that share their first ~180 bytes keep their own files.
+_HASH_DIGITS = 16
+
+
 def _safe_name(job_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.@+=" else "_" for c in job_id)[:200] or "job"
+    """The file name stem for ``job_id``: characters a file name cannot keep made ``_``, then cut (pure).
+
+    An id whose name fits the file system keeps the name it has always had
+    (earlier runs' results are found by it on resume: a renamed result would
+    be paid for again).  A longer one, which no earlier run could write, is
+    cut to :data:`_CUT_BYTES` bytes of UTF-8, ending ``~<hash>`` of the full
+    id: ``~`` is never kept in an uncut name, so a cut name is no other id's.
+    """
+    stem = "".join(c if c.isalnum() or c in "-_.@+=" else "_" for c in job_id)[:200] or "job"
+    if len(stem.encode("utf-8")) + _LONGEST_EXTENSION <= _NAME_MAX_BYTES:
+        return stem
+    digest = hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_DIGITS]
+    budget = _CUT_BYTES - len(digest) - 1
+    # Cut in bytes, then drop the partial last character a cut may leave.
+    head = stem.encode("utf-8")[:budget].decode("utf-8", "ignore")
+    return f"{head}~{digest}"
 
 
 def output_key(job: MergeJob) -> str:

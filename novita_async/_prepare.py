@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio.to_thread
 
 from novita_async._errors import InvalidImageError
+from novita_async._file_objects import at_its_end
 from novita_async._fileio import FileCalls, Handover, folder_of
 from novita_async._output import existing_kind, not_a_file_error
 from novita_async._sources import ImageSource, _source_sync, buffer_source, close_sources
@@ -62,24 +63,33 @@ async def prepare_inputs(
     an existing folder, device, pipe or link: found out after the request,
     that would be a paid result with nowhere to go (or one put in the place
     of ``/dev/null``).
+
+    ``auto_resize`` resizes an image too large (or converts one in a colour
+    mode the API refuses) even with ``validate=False``: it was asked for, and
+    reading the header is how to tell.  Without ``validate``, an input that
+    breaks any other rule is sent as it is, for the API to judge.
     """
     from novita_async import _images  # Pillow, imported on the first call rather than with the package
+
+    # auto_resize needs each image's header to know whether to resize it, so
+    # asking for it (per call, even with validate=False) runs the checks too.
+    read_headers = validate or auto_resize
 
     def open_and_check(value: object, input_name: str) -> tuple[ImageSource, InvalidImageError | None]:
         source = _source_sync(value, input_name, files)
         try:
             with source.open_sync() as stream:
-                if validate:
+                if read_headers:
                     _images.check_image(stream, size=source.size, input_name=input_name,
                                         source=source.description)
         except InvalidImageError as exc:
-            return source, exc
+            return source, at_its_end(source, exc)
         except BaseException:
             source.close()
             raise
         return source, None
 
-    def check_all() -> tuple[list[tuple[ImageSource, InvalidImageError | None]], bool]:
+    def check_all() -> tuple[list[tuple[ImageSource, InvalidImageError | None]], str | None]:
         # One call for every input's stat and header check: where it is a
         # thread hop, each hop costs ~65 us of CPU and several wake-ups on
         # a busy machine.
@@ -103,11 +113,13 @@ async def prepare_inputs(
     sources: list[ImageSource] = []
     try:
         for source, problem in checked:
-            if problem is None:
+            resizable = problem is not None and auto_resize and problem.rule in _RESIZABLE_RULES
+            if problem is None or not (validate or resizable):
+                # validate=False: checked only to resize; other problems are the API's to judge.
                 sources.append(source)
                 continue
             source.close()
-            if not (auto_resize and problem.rule in _RESIZABLE_RULES):
+            if not resizable:
                 raise problem
 
             def fit(source: ImageSource = source) -> bytes:

@@ -351,6 +351,21 @@ async def test_save_into_a_file_in_the_way_is_an_output_error_naming_the_path(
         result.save(tmp_path / "afile" / "r.png")
 
 
+async def test_a_result_name_near_the_file_system_limit_is_written(emulator: Emulator, tmp_path: Path) -> None:
+    """A legal 250-byte result name is written, by merge_face and by save(): the temporary file's
+    name is cut to fit (it was the result's name plus a tag, over 255 bytes, and the merge failed
+    after it was paid for)."""
+    out = tmp_path / "merged" / ("é" * 123 + ".png")  # 246 + 4 bytes
+    async with client_for(emulator) as client:
+        await client.merge_face(FACE, TARGET, output=out)
+        in_memory = await client.merge_face(FACE, TARGET)
+    copy = in_memory.save(tmp_path / "saved" / out.name)
+    for path in (out, copy):
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+        assert os.listdir(path.parent) == [out.name]
+
+
 async def test_save_and_to_pil(emulator: Emulator, tmp_path: Path) -> None:
     """save() writes the same bytes; to_pil() gives a loaded image, for both kinds of result."""
     async with client_for(emulator) as client:
