@@ -31,6 +31,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from novita_async._arguments import check_job_stream
 from novita_async._client import send_gate
 from novita_async._errors import (
     DuplicateJobError,
@@ -110,6 +111,7 @@ class _Engine:
         # jobs queued for their pacing turn or a retry (a stop is then prompt).
         self._send_gate = SendGate(self._gate)
         self._ledger: Ledger | None = None
+        self._warned_position_ids = False
         self._ledger_failed = False  # a line could not be written: no more are tried
         self._group: anyio.abc.TaskGroup | None = None
         self._progress: Progress | None = None
@@ -214,10 +216,23 @@ class _Engine:
             error = TypeError(f"batch jobs must be MergeJob objects, got {type(item).__name__}")
             return JobResult(job=MergeJob("", "", id=f"job-{index}"), status=JobStatus.FAILED, error=error)
         job, output, refused = self._places.place(item, index)
+        if self._ledger is not None and item.id is None and job.id == f"job-{index}":
+            self._warn_position_ids()
         if refused is not None:
             # No output in its record: it is not this job's to report.
             return JobResult(job=job, status=JobStatus.FAILED, error=refused)
         return self._settled(job, output) or (job, output)
+
+    def _warn_position_ids(self) -> None:
+        """Say once that jobs with in-memory inputs and no id are resumed by their place in the stream."""
+        if self._warned_position_ids:
+            return
+        self._warned_position_ids = True
+        logger.warning(
+            "jobs without an id whose inputs are not file paths (bytes, file objects, PIL images) "
+            "are known to the ledger by their place in the job stream (job-<index>): a re-run takes "
+            "the job at the same place as done, whatever its images are now. Give each job an id "
+            "of your own (MergeJob(..., id=...)) if the stream can change between runs")
 
     def _settled(self, job: MergeJob, output: Path | None) -> JobResult | None:
         return settled_before(self._ledger, job, output, resend_no_face=self._resend_no_face,
@@ -243,6 +258,11 @@ class _Engine:
         if self._stopping:
             return _Interrupted()
         return None
+
+    @property
+    def fatal(self) -> BaseException | None:
+        """The error that stopped the run early, if one did."""
+        return self._fatal
 
     def _set_fatal(self, exc: BaseException) -> None:
         if self._fatal is None:
@@ -390,6 +410,8 @@ class BatchRun:
         prefetch: int | None = None,
         resend_no_face: bool = False,
     ) -> None:
+        # Checked now, where the caller made the batch, not by its runner task at the first job.
+        check_job_stream(jobs)
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.ordered = ordered
         self.response_image_type = response_image_type
@@ -435,6 +457,11 @@ class BatchRun:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._close(done=exc_type is None)
+
+    @property
+    def stop_error(self) -> BaseException | None:
+        """The error that stopped the batch early (a wrong key, an empty balance...), else None."""
+        return self._engine.fatal
 
     def stop(self) -> None:
         """Stop gracefully: take no new jobs, let those in flight finish.

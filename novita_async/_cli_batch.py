@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING
 import anyio
 
 from novita_async._cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, say, signal_exit
-from novita_async._errors import ConfigurationError
+from novita_async._config import MERGE_FACE_PATH
+from novita_async._errors import (
+    AuthenticationError,
+    ConfigurationError,
+    InsufficientBalanceError,
+    NotFoundError,
+    OutputError,
+    PermissionDeniedError,
+)
 from novita_async._jobs import JobResult, JobStatus, MergeJob
 from novita_async._ledger import same_file
 from novita_async._manifest import BadRow, ManifestError
@@ -102,12 +110,32 @@ async def run_batch_command(
     if failure is None or summary.total:  # no summary of a run that did not start
         say(summary.line())
         say(f"results: {output_dir}  ledger: {ledger}")
+    hint = _after_a_stop(run.stop_error)
+    if hint is not None:
+        say(f"to go on: {hint}")
     if failure is not None:
         say(f"novita-async: error: {failure}")
         return EXIT_USAGE, summary
     if summary.interrupted:
         return signal_exit(first_signal), summary
     return (EXIT_FAILED if summary.failed_total or summary.not_attempted else EXIT_OK), summary
+
+
+def _after_a_stop(error: BaseException | None) -> str | None:
+    """What to do after the batch stopped early on ``error``: the fix, then the same command."""
+    again = "then run the same command again (jobs done are skipped)"
+    if isinstance(error, InsufficientBalanceError):
+        return f"top up the account's balance, {again}"
+    if isinstance(error, AuthenticationError):
+        return f"check the API key (--api-key, or $NOVITA_API_KEY), {again}"
+    if isinstance(error, PermissionDeniedError):
+        return f"check that the key's account may use Merge Face (its plan and billing), {again}"
+    if isinstance(error, NotFoundError):
+        return (f"check the base URL (--base-url, or $NOVITA_BASE_URL): the server's address without "
+                f"{MERGE_FACE_PATH}; {again}")
+    if isinstance(error, OutputError):
+        return f"free space on the results' disk (or give -o a writable folder), {again}"
+    return None
 
 
 def check_output_folder(folder: Path) -> None:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from novita_async._errors import ConfigurationError, LedgerInUseError
+from novita_async._errors import ConfigurationError, LedgerInUseError, OutputError
 from novita_async._jobs import JobResult, JobStatus, MergeJob
 
 if sys.platform != "win32":
@@ -157,30 +157,42 @@ class Ledger:
     Raises:
         LedgerInUseError: Another open :class:`Ledger` (this process or another)
             holds the file.
+        ConfigurationError: The file exists and is not a ledger.
+        OutputError: The file cannot be made, opened or read (a folder, a
+            read-only or full disk).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Unbuffered binary append: each record is one write(2), never interleaved.
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = -1
         try:
-            # Locked before anything is read: what this run sees as done stays done.
-            _lock(self._fd, self.path)
-            foreign = _not_a_ledger(self.path)
-            if foreign is not None:
-                # Appending records to someone's file (a manifest given as the
-                # ledger) would spoil it; reading it back, a run could feed on itself.
-                raise ConfigurationError(
-                    f"{self.path} is not a ledger: its first line is {foreign}. Give a new file "
-                    "(or the ledger an earlier run of this batch wrote); the manifest is the "
-                    "command's first argument")
-            self._load_all()
-            self._repair_torn_tail()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Unbuffered binary append: each record is one write(2), never interleaved.
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._start()
+        except OSError as exc:
+            self.close()
+            raise OutputError(f"cannot open the ledger {self.path}: {exc.strerror or exc}. Give a ledger "
+                              "file in a folder you can write to (with free space)") from exc
         except BaseException:
             self.close()
             raise
         self.lines_written = 0
+
+    def _start(self) -> None:
+        """Lock the file, check that it is a ledger, and take in what it and its siblings say."""
+        # Locked before anything is read: what this run sees as done stays done.
+        _lock(self._fd, self.path)
+        foreign = _not_a_ledger(self.path)
+        if foreign is not None:
+            # Appending records to someone's file (a manifest given as the
+            # ledger) would spoil it; reading it back, a run could feed on itself.
+            raise ConfigurationError(
+                f"{self.path} is not a ledger: its first line is {foreign}. Give a new file "
+                "(or the ledger an earlier run of this batch wrote); the manifest is the "
+                "command's first argument")
+        self._load_all()
+        self._repair_torn_tail()
 
     def _load_all(self) -> None:
         self._done: set[str] = set()

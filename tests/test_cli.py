@@ -549,10 +549,30 @@ def test_fatal_error_exits_1_and_says_why(
                            "--base-url", emu.url, "--api-key", "sk_not_this_one")
     assert code == 1
     assert "stopped early: AuthenticationError" in err
+    assert ("to go on: check the API key (--api-key, or $NOVITA_API_KEY), then run the same command "
+            "again (jobs done are skipped)\n") in err
     # Both slots may send before the first 403 comes back, or the second may be stopped at the gate.
     sent = emu.stats.requests
     assert sent in (1, 2)
     assert f"not attempted {12 - sent}" in err
+
+
+@pytest.mark.parametrize(("config", "argv", "says"), [
+    pytest.param({"balance": 2}, [], "top up the account's balance, then run the same command again",
+                 id="balance"),
+    pytest.param({}, ["--base-url", "{url}/v3"], "check the base URL (--base-url, or $NOVITA_BASE_URL): the "
+                 "server's address without /v3/merge-face; then run", id="wrong-url"),
+])
+def test_a_batch_stopped_early_says_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: dict[str, int], argv: list[str], says: str
+) -> None:
+    """An empty balance or a wrong base URL: after the summary, the fix and that a re-run resumes."""
+    manifest = csv_manifest(tmp_path / "data", 6)
+    with ThreadedEmulator(EmulatorConfig(engine="composite", **config)) as server:  # type: ignore[arg-type]
+        code, _, err = run_cli(capsys, "batch", manifest, "-o", tmp_path / "out", "--no-progress",
+                               "--concurrency", "1", *connect(server), *[a.format(url=server.url) for a in argv])
+    assert code == 1, err
+    assert f"to go on: {says}" in err
 
 
 def test_ordered_reports_failures_in_manifest_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

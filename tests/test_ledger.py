@@ -19,7 +19,10 @@ from novita_async.emulator import Emulator
 from .batch_support import (
     EmulatorFactory,
     assert_valid_image,
+    client_for,
+    collect,
     csv_manifest,
+    job_images,
     ledger_lines,
     memory_jobs,
     results_in,
@@ -234,3 +237,37 @@ def test_a_ledger_whose_first_line_was_torn_by_a_crash_still_opens(tmp_path: Pat
     finally:
         ledger.close()
     assert path.read_text().endswith('"o\n')
+
+
+async def test_a_ledger_run_of_in_memory_jobs_without_ids_says_once_they_resume_by_place(
+    emulator: Emulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Jobs of bytes with no id are known to the ledger as job-<index>: the run warns once that a
+    re-run takes the job at the same place as done, whatever its images are then."""
+    unnamed = [na.MergeJob(*job_images(i)) for i in range(3)]
+    async with client_for(emulator) as client:
+        with caplog.at_level("WARNING", logger="novita_async"):
+            results = await collect(client.batch(unnamed, ledger=tmp_path / "a.jsonl", progress=False))
+            assert sorted(str(r.job.id) for r in results if r.ok) == ["job-0", "job-1", "job-2"]
+            await collect(client.batch(memory_jobs(3), ledger=tmp_path / "b.jsonl", progress=False))
+            await collect(client.batch(unnamed, progress=False))  # no ledger: nothing to resume
+    warnings = [r.message for r in caplog.records if "their place in the job stream" in r.message]
+    assert len(warnings) == 1 and "Give each job an id of your own" in warnings[0]
+
+
+@pytest.mark.parametrize("where", [
+    "folder",
+    pytest.param("proc", marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")),
+])
+async def test_a_ledger_that_cannot_be_opened_is_an_output_error_naming_it(
+    emulator: Emulator, tmp_path: Path, where: str
+) -> None:
+    """A folder, or a place the system will not make, given as the ledger: an OutputError that
+    says it is the ledger (a bare IsADirectoryError or FileNotFoundError before), nothing sent."""
+    path = tmp_path if where == "folder" else Path("/proc/self/novita/ledger.jsonl")
+    async with client_for(emulator) as client:
+        with pytest.raises(na.OutputError) as caught:
+            await collect(client.batch(memory_jobs(2), ledger=path, progress=False))
+    assert str(caught.value).startswith(f"cannot open the ledger {path}: ")
+    assert "Give a ledger file in a folder you can write to" in str(caught.value)
+    assert emulator.stats.requests == 0
