@@ -174,11 +174,8 @@ async def test_a_closed_pil_image_is_refused(emulator: Emulator, tmp_path: Path)
 async def test_a_stream_left_at_its_end_is_named_as_such(emulator: Emulator, tmp_path: Path, kind: str) -> None:
     """An image written into a stream and passed without seek(0): the error says the stream is at
     its end and to seek(0), not that the file is empty."""
-    stream: io.BufferedRandom | io.BytesIO
-    if kind == "bytesio":
-        stream = io.BytesIO()
-    else:
-        stream = (tmp_path / "face.png").open("w+b")
+    stream: io.BufferedRandom | io.BytesIO = (
+        io.BytesIO() if kind == "bytesio" else (tmp_path / "face.png").open("w+b"))
     with stream:
         stream.write(FACE)
         async with _client(emulator) as client:
