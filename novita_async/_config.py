@@ -134,7 +134,7 @@ class RetryPolicy:
 
     Args:
         max_attempts: Attempts in all, the first included (1 disables retries).
-        initial_wait: First backoff, seconds; at most ``max_wait``.
+        initial_wait: First backoff, seconds (each wait is capped at ``max_wait``).
         max_wait: Cap on one backoff, seconds.
         total_timeout: Give up retrying once this many seconds have passed since
             the first attempt started sending (waits for a free slot or the pace
@@ -174,12 +174,6 @@ class RetryPolicy:
         for name in ("initial_wait", "max_wait", "total_timeout", "max_retry_after"):
             check_number(f"RetryPolicy.{name} (seconds)", getattr(self, name))
         check_number("RetryPolicy.jitter", self.jitter, maximum=1.0)
-        if self.initial_wait > self.max_wait:
-            # backoff() caps every wait at max_wait: initial_wait would never be waited.
-            raise ConfigurationError(
-                f"RetryPolicy.initial_wait ({self.initial_wait:g} s) is more than max_wait "
-                f"({self.max_wait:g} s), the cap on each wait: raise max_wait or lower initial_wait"
-            )
 
     def backoff(self, retry_number: int, rand: float) -> float:
         """Seconds to wait before retry ``retry_number`` (1-based); ``rand`` in [0, 1)."""

@@ -96,16 +96,6 @@ def test_a_control_character_in_the_environment_key_names_the_variable(monkeypat
     assert "TopSecret" not in str(raised.value) and "X-Other" not in str(raised.value)
 
 
-# -- RetryPolicy ---------------------------------------------------------------------------
-
-
-def test_a_first_wait_over_the_cap_is_refused() -> None:
-    """initial_wait above max_wait (a wait never waited) is a ConfigurationError naming both."""
-    with pytest.raises(na.ConfigurationError, match=r"initial_wait \(10 s\) is more than max_wait \(1 s\)"):
-        na.RetryPolicy(initial_wait=10, max_wait=1)
-    assert na.RetryPolicy(initial_wait=2.0, max_wait=2.0).backoff(5, 1.0) == 2.0
-
-
 # -- MergeJob ------------------------------------------------------------------------------
 
 
