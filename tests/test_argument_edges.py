@@ -54,9 +54,9 @@ def test_a_base_url_no_request_could_use_is_refused_at_construction(base_url: st
     ("base_url", "kept"),
     [
         pytest.param(" http://127.0.0.1:8080/ ", "http://127.0.0.1:8080", id="loopback"),
-        pytest.param("\thttps://api.novita.ai/v3/\n", "https://api.novita.ai/v3", id="path-prefix"),
+        pytest.param("\thttps://gw.example/v3/\n", "https://gw.example/v3", id="path-prefix"),
         pytest.param("  http://[::1]:8080", "http://[::1]:8080", id="ipv6-loopback"),
-        pytest.param("https://api.novita.ai ", "https://api.novita.ai", id="public"),
+        pytest.param("https://gw.example ", "https://gw.example", id="public"),
     ],
 )
 def test_spaces_around_a_base_url_are_stripped(base_url: str, kept: str) -> None:
