@@ -33,6 +33,7 @@ exceptions are translated at one boundary and chained as ``__cause__``.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -377,6 +378,46 @@ def _summarise_body(body: bytes) -> str:
     return text[:200] + ("..." if len(text) > 200 else "") if text else "empty error body"
 
 
+def _leading_members(body: bytes) -> dict[str, object]:
+    """The complete members at the start of a JSON object whose end was cut off (pure).
+
+    An error body is read up to ERROR_BODY_CAP: past it, json.loads fails, and
+    a reason sent in the first bytes would be lost with the rest.
+
+    Stops quietly at the first member that is incomplete or not JSON.
+    """
+    text = body.decode("utf-8", "replace")
+    decoder = json.JSONDecoder()
+    members: dict[str, object] = {}
+    pos = _skip_space(text, 0)
+    if not text.startswith("{", pos):
+        return members
+    pos += 1
+    try:
+        while True:
+            key, pos = decoder.raw_decode(text, _skip_space(text, pos))
+            pos = _skip_space(text, pos)
+            if not isinstance(key, str) or not text.startswith(":", pos):
+                return members
+            value, pos = decoder.raw_decode(text, _skip_space(text, pos + 1))
+            members[key] = value
+            pos = _skip_space(text, pos)
+            if not text.startswith(",", pos):
+                return members
+            pos += 1
+    except ValueError:  # a member cut off by the cap, or not JSON
+        return members
+
+
+_JSON_SPACE = re.compile(r"[ \t\r\n]*")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    """Index of the first non-whitespace character at or after ``pos``."""
+    match = _JSON_SPACE.match(text, pos)
+    return match.end() if match is not None else pos
+
+
 def error_from_response(
     status: int, headers: Mapping[str, str], body: bytes, *, redact: str | None = None
 ) -> APIStatusError:
@@ -392,9 +433,9 @@ def error_from_response(
     message = ""
     metadata: dict[str, str] = {}
     try:
-        parsed = json.loads(body)
+        parsed: object = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        parsed = None
+        parsed = _leading_members(body)  # cut at the cap, or not JSON at all
     if isinstance(parsed, dict):
         raw_reason = parsed.get("reason")
         reason = raw_reason if isinstance(raw_reason, str) and raw_reason else None

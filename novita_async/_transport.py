@@ -19,7 +19,6 @@ anything (:func:`refuse_netrc_credentials`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import netrc
 import os
@@ -43,7 +42,6 @@ from novita_async._errors import (
     ConfigurationError,
     InvalidResponseError,
     NovitaError,
-    error_class_for,
     error_from_response,
 )
 from novita_async._output import Sink
@@ -149,62 +147,6 @@ def _redirect_error(
         status=status, reason=error.reason, message=message, metadata=error.metadata,
         request_id=error.request_id, body=error.body,
     )
-
-
-def _leading_members(body: bytes) -> dict[str, object]:
-    """The complete members at the start of a JSON object whose end was cut off (pure).
-
-    Stops quietly at the first member that is incomplete or not JSON.
-    """
-    text = body.decode("utf-8", "replace")
-    decoder = json.JSONDecoder()
-    members: dict[str, object] = {}
-    pos = _skip_space(text, 0)
-    if not text.startswith("{", pos):
-        return members
-    pos += 1
-    try:
-        while True:
-            key, pos = decoder.raw_decode(text, _skip_space(text, pos))
-            pos = _skip_space(text, pos)
-            if not isinstance(key, str) or not text.startswith(":", pos):
-                return members
-            value, pos = decoder.raw_decode(text, _skip_space(text, pos + 1))
-            members[key] = value
-            pos = _skip_space(text, pos)
-            if not text.startswith(",", pos):
-                return members
-            pos += 1
-    except ValueError:  # a member cut off by the cap, or not JSON
-        return members
-
-
-_JSON_SPACE = re.compile(r"[ \t\r\n]*")
-
-
-def _skip_space(text: str, pos: int) -> int:
-    """Index of the first non-whitespace character at or after ``pos``."""
-    match = _JSON_SPACE.match(text, pos)
-    return match.end() if match is not None else pos
-
-
-def _with_capped_reason(error: APIStatusError) -> APIStatusError:
-    """The error of a body cut at ERROR_BODY_CAP, typed by the ``reason`` its start holds (pure).
-
-    json.loads fails on a capped body, losing a reason sent in its first
-    bytes; only the transport knows the body was capped.
-    """
-    reason = _leading_members(error.body).get("reason") if error.reason is None else None
-    if not isinstance(reason, str) or not reason:
-        return error
-    typed = error_class_for(error.status, reason)(
-        status=error.status, reason=reason, message=error.message, metadata=error.metadata,
-        request_id=error.request_id, body=error.body, retry_after=error.retry_after,
-    )
-    # Retryability follows the status alone (every class chosen by reason is
-    # a non-retryable 4xx one), so it carries over.
-    typed.retryable = error.retryable
-    return typed
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -397,10 +339,7 @@ async def send_merge_request(
             error_body = await read_capped(response.content, ERROR_BODY_CAP)
             if 300 <= response.status < 400:
                 raise _redirect_error(response.status, response.headers, url, error_body, api_key)
-            status_error = error_from_response(response.status, response.headers, error_body, redact=api_key)
-            if len(error_body) >= ERROR_BODY_CAP:
-                status_error = _with_capped_reason(status_error)
-            raise status_error
+            raise error_from_response(response.status, response.headers, error_body, redact=api_key)
     except NovitaError:
         raise
     except (asyncio.TimeoutError, TimeoutError) as exc:

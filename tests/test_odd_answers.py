@@ -28,7 +28,7 @@ from aiohttp import web
 
 import novita_async as na
 from novita_async._config import ERROR_BODY_CAP
-from novita_async._transport import _leading_members
+from novita_async._errors import _leading_members
 
 from .conftest import FAST_RETRY, make_image, serving
 
