@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _client_from_args(args: argparse.Namespace) -> NovitaClient:
+    """The client the command's flags describe; a setting no request could use is a usage error."""
     try:
-        return NovitaClient(
+        client = NovitaClient(
             api_key=args.api_key, base_url=args.base_url,
             timeout=Timeout.of(args.timeout),
             retry=RetryPolicy(max_attempts=args.max_attempts) if args.max_attempts else None,
@@ -178,6 +179,8 @@ def _client_from_args(args: argparse.Namespace) -> NovitaClient:
         )
     except (ConfigurationError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    _check_base_url_credentials(client, args.base_url)
+    return client
 
 
 def _merge_type(output: str, asked: str | None) -> str:
@@ -242,7 +245,6 @@ async def _merge_command(args: argparse.Namespace) -> int:
     _check_merge_output(args.output)
     image_type = _merge_type(args.output, args.type)
     client = _client_from_args(args)
-    _check_base_url_credentials(client, args.base_url)
     # The call makes -o's missing folders; a run that writes no result takes
     # them away again, rather than leave empty folders for every failed try.
     made = _folders_to_make(args.output)

@@ -344,6 +344,20 @@ def test_batch_stops_at_an_unclosed_quote_and_resumes_once_it_is_closed(
     assert summary_counts(err) == (2, 0, 2) and emu.stats.requests == 4
 
 
+def test_batch_refuses_a_base_url_with_credentials_before_any_job(
+    emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`batch` shares merge's check of the flags: user:password@ in the base URL is exit 2, nothing
+    sent (each job used to fail alone with the same error, exit 1)."""
+    manifest = csv_manifest(tmp_path / "data", 3)
+    url = emu.url.replace("http://", "http://user:s3cret@")
+    code, _, err = run_cli(capsys, "batch", manifest, "-o", tmp_path / "out", "--no-progress",
+                           "--base-url", url, "--api-key", emu.api_key)
+    assert code == 2, err
+    assert err.startswith("novita-async: error: --base-url holds a user name") and "s3cret" not in err
+    assert emu.stats.requests == 0
+
+
 def test_merge_into_an_existing_folder_is_exit_2(
     emu: ThreadedEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
