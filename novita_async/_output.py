@@ -27,7 +27,9 @@ __all__ = [
     "Sink",
     "atomic_write_bytes",
     "check_writable",
+    "NAME_MAX_BYTES",
     "create_temp_file",
+    "cut_to_bytes",
     "existing_kind",
     "not_a_file_error",
     "sweep_stale_temp_files",
@@ -67,8 +69,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_refresh_writer_tag)
 
 
-#: Longest file name most file systems take, in bytes.
-_NAME_MAX = 255
+#: Longest file name most file systems take (ext4, xfs, btrfs, APFS), in bytes.
+NAME_MAX_BYTES = 255
 #: What a temporary name adds to its prefix: 8 hex digits and ".part".
 _TEMP_SUFFIX_BYTES = 8 + len(".part")
 
@@ -81,9 +83,13 @@ def temp_prefix(path: Path) -> str:
     it only tells a reader which result a temporary file is for.)
     """
     tag = f".~{_WRITER}~"
-    room = _NAME_MAX - 1 - _TEMP_SUFFIX_BYTES - len(tag.encode("utf-8", "surrogateescape"))
-    name = path.name.encode("utf-8", "surrogateescape")[: max(room, 1)]
-    return f".{name.decode('utf-8', 'ignore')}{tag}"
+    room = NAME_MAX_BYTES - 1 - _TEMP_SUFFIX_BYTES - len(tag.encode("utf-8", "surrogateescape"))
+    return f".{cut_to_bytes(path.name, max(room, 1))}{tag}"
+
+
+def cut_to_bytes(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes of UTF-8, never inside a character (pure)."""
+    return name.encode("utf-8", "surrogateescape")[:limit].decode("utf-8", "ignore")
 
 
 def create_temp_file(path: Path) -> tuple[int, str]:

@@ -16,12 +16,11 @@ from pathlib import Path
 
 from novita_async._errors import ConfigurationError, DuplicateJobError, NovitaError
 from novita_async._jobs import MergeJob, job_identity, output_extension, output_name_problem, type_of_output
+from novita_async._output import NAME_MAX_BYTES, cut_to_bytes
 
 __all__ = ["JobPlaces", "output_key"]
 
 
-#: Longest file name most file systems take (ext4, xfs, btrfs, APFS: 255 bytes).
-_NAME_MAX_BYTES = 255
 #: The longest extension a default output name gets (``.webp``).
 _LONGEST_EXTENSION = len(".webp")
 #: Bytes a cut id keeps, hash suffix included: the 200 characters an ASCII id
@@ -43,13 +42,11 @@ def _safe_name(job_id: str) -> str:
     id: ``~`` is never kept in an uncut name, so a cut name is no other id's.
     """
     stem = "".join(c if c.isalnum() or c in "-_.@+=" else "_" for c in job_id)[:200] or "job"
-    if len(stem.encode("utf-8")) + _LONGEST_EXTENSION <= _NAME_MAX_BYTES:
+    if len(stem.encode("utf-8")) + _LONGEST_EXTENSION <= NAME_MAX_BYTES:
         return stem
     digest = hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_DIGITS]
     budget = _CUT_BYTES - len(digest) - 1
-    # Cut in bytes, then drop the partial last character a cut may leave.
-    head = stem.encode("utf-8")[:budget].decode("utf-8", "ignore")
-    return f"{head}~{digest}"
+    return f"{cut_to_bytes(stem, budget)}~{digest}"
 
 
 def output_key(job: MergeJob) -> str:
